@@ -1,0 +1,24 @@
+"""The ``featurestore`` command line: a thin Click layer over the ``run_*`` functions."""
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="xray-featurestore")
+def main():
+    """Image feature store with a classifier zoo.
+
+    Scan an image folder, extract CNN features once into versioned tables,
+    then tune, audit and search from those tables.
+    """
+
+
+def _register():
+    # One module per command; each exposes a click command named ``command``.
+    from pipelines import scan, tables
+
+    for module in (scan, tables):
+        main.add_command(module.command)
+
+
+_register()
