@@ -1,0 +1,188 @@
+"""Chunked HDF5: parts while writing, one consolidated ``features.h5`` per table.
+
+Appending in place to an HDF5 file is not crash-safe (a kill during a metadata
+update can leave the whole file unreadable), so writers commit immutable part
+files and :meth:`HDF5Format.consolidate` folds them into a copy of
+``features.h5`` that atomically replaces the old one. The consolidated file
+records which parts it absorbed, so parts left behind by a kill between the
+rename and their deletion are never read twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featurestore._io import atomic_write, remove_tmp_files
+from featurestore.errors import CorruptTableError
+from featurestore.formats.base import (FORMAT_VERSION, KEY_ATTR, LINEAGE_ATTR, VERSION_ATTR,
+                                       Segment, TableFormat, part_seq)
+from featurestore.lineage import Lineage
+from featurestore.rows import META_COLUMNS, Rows
+
+CONSOLIDATED = "features.h5"
+_ABSORBED_ATTR = "featurestore.absorbed_parts"
+_STR = h5py.string_dtype("utf-8")
+_CHUNK_BYTES = 1 << 20  # ~1 MiB feature chunks: fast full reads, cheap row slices
+
+
+def _open(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise CorruptTableError(f"Cannot read HDF5 table file {path}: {err}") from err
+
+
+class HDF5Segment(Segment):
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        self._file = _open(self.path)
+        try:
+            self._features = self._file["features"]
+        except KeyError as err:
+            self._file.close()
+            raise CorruptTableError(f"HDF5 table file {path} has no 'features' dataset.") from err
+        self.n_rows, self.n_features = self._features.shape
+
+    def read_meta(self) -> dict[str, np.ndarray]:
+        meta = {}
+        for name in META_COLUMNS:
+            ds = self._file[name]
+            if name == "aug_id":
+                meta[name] = ds[: self.n_rows]
+            else:
+                meta[name] = ds.asstr()[: self.n_rows].astype(object)
+        return meta
+
+    def read_features_into(self, out: np.ndarray, start: int, stop: int) -> None:
+        if stop > start:
+            self._features.read_direct(out, np.s_[start:stop], np.s_[0: stop - start])
+
+    def read_file_lineage(self) -> Lineage:
+        return Lineage.from_json(self._file.attrs[LINEAGE_ATTR])
+
+    def absorbed(self) -> list[list[int]]:
+        return json.loads(self._file.attrs.get(_ABSORBED_ATTR, "[]"))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _create_datasets(f: h5py.File, n_features: int, lineage: Lineage) -> None:
+    chunk_rows = max(1, _CHUNK_BYTES // (4 * n_features))
+    f.create_dataset("features", shape=(0, n_features), maxshape=(None, n_features),
+                     dtype=np.float32, chunks=(chunk_rows, n_features))
+    for name in META_COLUMNS:
+        dtype = np.int32 if name == "aug_id" else _STR
+        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
+    f.attrs[LINEAGE_ATTR] = lineage.to_json()
+    f.attrs[KEY_ATTR] = lineage.key
+    f.attrs[VERSION_ATTR] = FORMAT_VERSION
+
+
+def _append(f: h5py.File, rows: Rows) -> tuple[int, int]:
+    start = f["features"].shape[0]
+    stop = start + len(rows)
+    for name in ("features",) + META_COLUMNS:
+        ds = f[name]
+        ds.resize(stop, axis=0)
+        ds[start:stop] = getattr(rows, name)
+    return start, stop
+
+
+class HDF5Format(TableFormat):
+    name = "hdf5"
+    suffix = ".h5"
+
+    def write_part(self, path: Path, rows: Rows, lineage: Lineage) -> None:
+        with h5py.File(path, "w") as f:
+            _create_datasets(f, rows.n_features, lineage)
+            _append(f, rows)
+
+    def read_part(self, path: Path) -> Rows:
+        seg = HDF5Segment(path)
+        try:
+            return Rows(features=seg.read_features(), **seg.read_meta())
+        finally:
+            seg.close()
+
+    def _absorbed(self, directory: Path) -> list[list[int]]:
+        path = directory / CONSOLIDATED
+        if not path.exists():
+            return []
+        with _open(path) as f:
+            return json.loads(f.attrs.get(_ABSORBED_ATTR, "[]"))
+
+    def committed_seqs(self, directory: Path) -> set[int]:
+        return super().committed_seqs(directory) | {seq for seq, _, _ in self._absorbed(directory)}
+
+    def absorbed_rows(self, directory: Path, seq: int) -> Rows | None:
+        """Rows that part ``seq`` contributed to ``features.h5``, or ``None``."""
+        for s, start, stop in self._absorbed(directory):
+            if s == seq:
+                seg = HDF5Segment(directory / CONSOLIDATED)
+                try:
+                    meta = {k: v[start:stop] for k, v in seg.read_meta().items()}
+                    return Rows(features=seg.read_features(start, stop), **meta)
+                finally:
+                    seg.close()
+        return None
+
+    def open_segments(self, directory: Path) -> list[Segment]:
+        # A concurrent consolidation may delete a listed part between listing and
+        # opening; the new features.h5 then holds its rows, so take a new snapshot.
+        for _ in range(5):
+            segments: list[Segment] = []
+            try:
+                absorbed: set[int] = set()
+                path = directory / CONSOLIDATED
+                if path.exists():
+                    seg = HDF5Segment(path)
+                    segments.append(seg)
+                    absorbed = {s for s, _, _ in seg.absorbed()}
+                for part in self.part_paths(directory):
+                    if part_seq(part.name) not in absorbed:
+                        segments.append(HDF5Segment(part))
+                return segments
+            except FileNotFoundError:
+                for seg in segments:
+                    seg.close()
+        raise CorruptTableError(f"HDF5 table in {directory} kept changing while being opened.")
+
+    def consolidate(self, directory: Path, lineage: Lineage) -> None:
+        target = directory / CONSOLIDATED
+        absorbed = self._absorbed(directory)
+        done = {s for s, _, _ in absorbed}
+        pending = [p for p in self.part_paths(directory) if part_seq(p.name) not in done]
+        if pending:
+            def write(tmp: Path) -> None:
+                if target.exists():
+                    shutil.copyfile(target, tmp)
+                    f = h5py.File(tmp, "a")
+                else:
+                    f = h5py.File(tmp, "w")
+                    _create_datasets(f, self.read_part(pending[0]).n_features, lineage)
+                with f:
+                    for part in pending:
+                        start, stop = _append(f, self.read_part(part))
+                        absorbed.append([part_seq(part.name), start, stop])
+                    f.attrs[_ABSORBED_ATTR] = json.dumps(absorbed)
+
+            atomic_write(target, write)
+        self.cleanup(directory)
+
+    def cleanup(self, directory: Path) -> None:
+        remove_tmp_files(directory)
+        done = {s for s, _, _ in self._absorbed(directory)}
+        for part in self.part_paths(directory):
+            if part_seq(part.name) in done:
+                with contextlib.suppress(FileNotFoundError):
+                    part.unlink()

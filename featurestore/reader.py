@@ -1,0 +1,292 @@
+"""Reading feature tables into numpy and pandas, whole, filtered, sliced or in batches.
+
+A reader takes a snapshot of the committed parts when it opens and keeps their
+files open, so a writer committing or consolidating meanwhile never changes
+what an open reader sees. Metadata (ids, labels, splits) is small and read
+once; feature rows are read only for the rows asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from featurestore.errors import FeatureStoreError, LineageMismatchError
+from featurestore.formats import get_format
+from featurestore.formats.base import Segment
+from featurestore.lineage import Lineage
+from featurestore.rows import META_COLUMNS
+from featurestore.writer import read_table_lineage, table_formats
+
+#: Rows read per block when a filter keeps only some rows of a segment.
+_BLOCK_ROWS = 8192
+
+
+class FeatureArrays(NamedTuple):
+    """What :meth:`TableReader.to_numpy` returns.
+
+    X : (n_rows, n_features) float32 features.
+    y : (n_rows,) labels (str).
+    ids : (n_rows,) row keys ``"<image_id>:<aug_id>"``, unique in a table.
+    groups : (n_rows,) source image ids; every augmented view of an image shares
+        its group, which is what grouped cross-validation needs.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+    groups: np.ndarray
+
+
+def _as_set(value) -> set | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, int, np.integer)):
+        return {value}
+    return set(value)
+
+
+class TableReader:
+    """Read one feature table.
+
+    Parameters
+    ----------
+    table_dir : Path
+        ``STORE/tables/<key>``.
+    format : str or None
+        ``"hdf5"`` or ``"parquet"``; ``None`` takes HDF5 when present (the
+        faster full read), else Parquet.
+    """
+
+    def __init__(self, table_dir: Path, format: str | None = None):
+        self.table_dir = Path(table_dir)
+        self.lineage: Lineage = read_table_lineage(self.table_dir)
+        available = table_formats(self.table_dir)
+        if format is None:
+            if not available:
+                raise FeatureStoreError(f"Table {self.key} has no committed rows yet.")
+            format = available[0]
+        elif format not in available:
+            raise FeatureStoreError(
+                f"Table {self.key} is not stored as {format!r}; it has: "
+                f"{', '.join(available) or 'no data yet'}.")
+        self.format = format
+        self._segments: list[Segment] = get_format(format).open_segments(self.table_dir / format)
+        self._check_segment_lineage()
+        sizes = [s.n_rows for s in self._segments]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._meta: pd.DataFrame | None = None
+
+    def _check_segment_lineage(self) -> None:
+        dims = set()
+        for seg in self._segments:
+            found = seg.read_file_lineage()
+            if found != self.lineage:
+                self.close()
+                raise LineageMismatchError(
+                    f"File {self.table_dir / self.format / seg.name} was computed with another "
+                    f"recipe than table {self.key}: {found.diff(self.lineage)}.")
+            dims.add(seg.n_features)
+        if len(dims) > 1:
+            self.close()
+            raise LineageMismatchError(f"Table {self.key} mixes feature widths {sorted(dims)}.")
+
+    # -- description --------------------------------------------------------
+    @property
+    def key(self) -> str:
+        return self.lineage.key
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def count(self) -> int:
+        """Number of rows."""
+        return len(self)
+
+    @property
+    def dimension(self) -> int:
+        """Feature width (``n_features``); 0 for an empty table."""
+        return self._segments[0].n_features if self._segments else 0
+
+    def size_bytes(self) -> int:
+        """Bytes on disk of this format's files."""
+        return sum(p.stat().st_size for p in (self.table_dir / self.format).rglob("*")
+                   if p.is_file())
+
+    def metadata(self) -> pd.DataFrame:
+        """Every row's metadata (:data:`~featurestore.rows.META_COLUMNS`), in row order."""
+        if self._meta is None:
+            parts = [seg.read_meta() for seg in self._segments]
+            if parts:
+                data = {c: np.concatenate([p[c] for p in parts]) for c in META_COLUMNS}
+            else:
+                data = {c: np.array([], dtype=np.int32 if c == "aug_id" else object)
+                        for c in META_COLUMNS}
+            self._meta = pd.DataFrame(data)
+        return self._meta
+
+    def keys(self) -> set[tuple[str, int]]:
+        """The ``(image_id, aug_id)`` key of every row."""
+        meta = self.metadata()
+        return set(zip(meta["image_id"].tolist(), meta["aug_id"].tolist()))
+
+    # -- selection ----------------------------------------------------------
+    def select(self, *, split=None, label=None, aug=None) -> np.ndarray | None:
+        """Row positions matching the filters, or ``None`` when nothing is filtered.
+
+        ``split``/``label``: a value or a collection of values. ``aug``:
+        ``"raw"`` (aug_id 0), ``"augmented"`` (aug_id > 0), ``"all"``/``None``,
+        or aug ids (an int or a collection).
+        """
+        if split is None and label is None and aug in (None, "all"):
+            return None
+        meta = self.metadata()
+        mask = np.ones(len(meta), dtype=bool)
+        for column, wanted in (("split", _as_set(split)), ("label", _as_set(label))):
+            if wanted is not None:
+                mask &= meta[column].isin([str(w) for w in wanted]).to_numpy()
+        if aug == "raw":
+            mask &= meta["aug_id"].to_numpy() == 0
+        elif aug == "augmented":
+            mask &= meta["aug_id"].to_numpy() > 0
+        elif aug not in (None, "all"):
+            if isinstance(aug, str):
+                raise FeatureStoreError(
+                    f"aug must be 'raw', 'augmented', 'all' or aug ids; got {aug!r}.")
+            mask &= meta["aug_id"].isin(list(_as_set(aug))).to_numpy()
+        return np.flatnonzero(mask)
+
+    def read_features(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Features of the given sorted row positions (all rows when ``None``).
+
+        Returns ``(len(rows), n_features)`` float32. Memory beyond the result
+        is bounded by one block of rows.
+        """
+        if rows is None:
+            out = np.empty((len(self), self.dimension), dtype=np.float32)
+            for seg, start in zip(self._segments, self._offsets):
+                seg.read_features_into(out[start: start + seg.n_rows], 0, seg.n_rows)
+            return out
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (np.any(np.diff(rows) < 0) or rows[0] < 0 or rows[-1] >= len(self)):
+            raise FeatureStoreError(
+                f"Row positions must be sorted and within [0, {len(self)}).")
+        out = np.empty((rows.size, self.dimension), dtype=np.float32)
+        seg_of_row = np.searchsorted(self._offsets, rows, side="right") - 1
+        done = 0
+        for i, seg in enumerate(self._segments):
+            local = rows[seg_of_row == i] - self._offsets[i]
+            if local.size == 0:
+                continue
+            if local.size == seg.n_rows:
+                seg.read_features_into(out[done: done + local.size], 0, seg.n_rows)
+            else:
+                self._read_sparse(seg, local, out[done: done + local.size])
+            done += local.size
+        return out
+
+    @staticmethod
+    def _read_sparse(seg: Segment, local: np.ndarray, out: np.ndarray) -> None:
+        written = 0
+        for b0 in range(int(local[0]) - int(local[0]) % _BLOCK_ROWS, int(local[-1]) + 1,
+                        _BLOCK_ROWS):
+            b1 = min(b0 + _BLOCK_ROWS, seg.n_rows)
+            want = local[(local >= b0) & (local < b1)]
+            if want.size == 0:
+                continue
+            if want.size == b1 - b0:
+                seg.read_features_into(out[written: written + want.size], b0, b1)
+            else:
+                lo, hi = int(want[0]), int(want[-1]) + 1
+                block = seg.read_features(lo, hi)
+                out[written: written + want.size] = block[want - lo]
+            written += want.size
+
+    # -- outputs ------------------------------------------------------------
+    def to_numpy(self, *, split=None, label=None, aug=None) -> FeatureArrays:
+        """``(X, y, ids, groups)`` for the filtered rows (see :class:`FeatureArrays`)."""
+        rows = self.select(split=split, label=label, aug=aug)
+        meta = self.metadata() if rows is None else self.metadata().iloc[rows]
+        image_id = meta["image_id"].to_numpy()
+        ids = (meta["image_id"] + ":" + meta["aug_id"].astype(str)).to_numpy()
+        return FeatureArrays(self.read_features(rows), meta["label"].to_numpy(), ids, image_id)
+
+    def to_pandas(self, *, split=None, label=None, aug=None, wide: bool = False) -> pd.DataFrame:
+        """Metadata columns plus the features.
+
+        ``wide=False``: one ``features`` column holding each row's
+        ``(n_features,)`` array (the Parquet layout). ``wide=True``: one float32
+        column per feature, ``f0000``, ``f0001``, ...
+        """
+        rows = self.select(split=split, label=label, aug=aug)
+        meta = self.metadata() if rows is None else self.metadata().iloc[rows]
+        meta = meta.reset_index(drop=True)
+        X = self.read_features(rows)
+        if wide:
+            width = max(4, len(str(max(X.shape[1] - 1, 0))))
+            feats = pd.DataFrame(X, columns=[f"f{i:0{width}d}" for i in range(X.shape[1])])
+            return pd.concat([meta, feats], axis=1)
+        meta["features"] = list(X)
+        return meta
+
+    def iter_batches(self, batch_size: int = 4096, *, split=None, label=None,
+                     aug=None) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+        """Yield ``(X_batch, meta_batch)`` of at most ``batch_size`` filtered rows."""
+        if batch_size < 1:
+            raise FeatureStoreError(f"batch_size must be >= 1; got {batch_size}.")
+        rows = self.select(split=split, label=label, aug=aug)
+        if rows is None:
+            rows = np.arange(len(self))
+        meta = self.metadata()
+        for start in range(0, rows.size, batch_size):
+            chunk = rows[start: start + batch_size]
+            yield self.read_features(chunk), meta.iloc[chunk].reset_index(drop=True)
+
+    def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, pd.DataFrame]:
+        """Rows ``[start, stop)`` as ``(X, meta)`` without reading the rest."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        chunk = np.arange(start, max(start, stop))
+        return self.read_features(chunk), self.metadata().iloc[chunk].reset_index(drop=True)
+
+    # -- resources ----------------------------------------------------------
+    def close(self) -> None:
+        for seg in self._segments:
+            seg.close()
+        self._segments = []
+
+    def __enter__(self) -> TableReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"TableReader(key={self.key!r}, format={self.format!r}, rows={len(self)}, "
+                f"dimension={self.dimension})")
+
+
+def concat(readers: Sequence[TableReader], *, split=None, label=None,
+           aug=None) -> FeatureArrays:
+    """Stack the filtered rows of several readers of one recipe into one FeatureArrays.
+
+    Readers of different lineage (another backbone, pooling, weights, ...) are
+    refused: their features live in different spaces.
+    """
+    readers = list(readers)
+    if not readers:
+        raise FeatureStoreError("concat needs at least one table.")
+    first = readers[0]
+    for other in readers[1:]:
+        if other.lineage != first.lineage:
+            fields = "; ".join(f"{k}: {a!r} vs {b!r}"
+                               for k, (a, b) in first.lineage.diff(other.lineage).items())
+            raise LineageMismatchError(
+                f"Cannot combine table {first.key} with {other.key}: different lineage "
+                f"({fields}).")
+    parts = [r.to_numpy(split=split, label=label, aug=aug) for r in readers]
+    return FeatureArrays(*(np.concatenate(columns) for columns in zip(*parts)))

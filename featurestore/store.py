@@ -1,0 +1,176 @@
+"""The store: one folder holding a dataset manifest and any number of feature tables.
+
+::
+
+    STORE/
+      manifest.sqlite          images, labels, splits, rejected files (``featurestore scan``)
+      tables/<key>/            one folder per lineage (see featurestore.writer)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from featurestore.errors import (AmbiguousTableError, FeatureStoreError, TableNotFoundError)
+from featurestore.lineage import Lineage, parse_query
+from featurestore.reader import TableReader
+from featurestore.writer import (LINEAGE_FILE, TableWriter, commit_pending, read_table_lineage,
+                                 table_formats)
+
+TABLES_DIR = "tables"
+MANIFEST_FILE = "manifest.sqlite"
+
+TableQuery = str | Mapping[str, Any] | Lineage
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """One line of ``featurestore tables``."""
+
+    key: str
+    lineage: Lineage
+    formats: tuple[str, ...]
+    rows: int
+    dimension: int
+    size_bytes: int
+    pending_writers: tuple[str, ...]
+
+
+class Store:
+    """A feature store rooted at a folder (created on first use).
+
+    Examples
+    --------
+    >>> store = Store(tmp_path)                                  # doctest: +SKIP
+    >>> with store.writer(lineage, formats=("hdf5", "parquet")) as w:  # doctest: +SKIP
+    ...     w.append(X, image_id=ids, label=labels, split=splits)
+    >>> X, y, ids, groups = store.open("densenet121/max").to_numpy(split="train")  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | Path, *, create: bool = True):
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise FeatureStoreError(f"Store path {self.root} exists and is not a directory.")
+        if not self.root.exists():
+            if not create:
+                raise FeatureStoreError(f"No store at {self.root}.")
+            self.root.mkdir(parents=True)
+
+    @property
+    def tables_dir(self) -> Path:
+        return self.root / TABLES_DIR
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    def manifest(self):
+        """The dataset manifest (:class:`featurestore.manifest.Manifest`)."""
+        from featurestore.manifest import Manifest
+
+        if not self.manifest_path.exists():
+            raise FeatureStoreError(
+                f"Store {self.root} has no manifest yet; run `featurestore scan DATASET "
+                f"--store {self.root}` first.")
+        return Manifest(self.manifest_path)
+
+    # -- tables -------------------------------------------------------------
+    def table_dir(self, lineage: Lineage) -> Path:
+        return self.tables_dir / lineage.key
+
+    def lineages(self) -> list[Lineage]:
+        """Lineage of every table in the store, sorted by key."""
+        if not self.tables_dir.is_dir():
+            return []
+        found = [read_table_lineage(d) for d in sorted(self.tables_dir.iterdir())
+                 if (d / LINEAGE_FILE).exists()]
+        return sorted(found, key=lambda lin: lin.key)
+
+    def resolve(self, query: TableQuery) -> Lineage:
+        """The one table matching ``query`` (see :func:`~featurestore.lineage.parse_query`)."""
+        if isinstance(query, Lineage):
+            if not (self.table_dir(query) / LINEAGE_FILE).exists():
+                raise TableNotFoundError(
+                    f"No table {query.key} in store {self.root}. {self._known()}")
+            return query
+        wanted = parse_query(query)
+        matches = [lin for lin in self.lineages() if lin.matches(wanted)]
+        if not matches:
+            raise TableNotFoundError(f"No table matches {_show(query)}. {self._known()}")
+        if len(matches) > 1:
+            listing = "\n".join(f"  {_describe(lin)}" for lin in matches)
+            raise AmbiguousTableError(
+                f"{len(matches)} tables match {_show(query)}; name one by key or add fields "
+                f"(weights=..., input_size=..., augmentation=...):\n{listing}")
+        return matches[0]
+
+    def _known(self) -> str:
+        known = self.lineages()
+        if not known:
+            return f"The store has no tables yet (run `featurestore extract`)."
+        return "Tables in the store:\n" + "\n".join(f"  {_describe(lin)}" for lin in known)
+
+    def open(self, query: TableQuery, *, format: str | None = None) -> TableReader:
+        """A :class:`TableReader` for the table matching ``query``."""
+        return TableReader(self.table_dir(self.resolve(query)), format=format)
+
+    def writer(self, lineage: Lineage, *, formats=("hdf5",), shard: str | None = None,
+               writer_id: str | None = None, rows_per_part: int = 4096,
+               consolidate: bool = True) -> TableWriter:
+        """A :class:`TableWriter` for ``lineage``'s table (created if new).
+
+        ``shard="K/N"`` (or any ``writer_id``) makes a part writer whose rows
+        become visible at :meth:`commit`; several may run side by side.
+        """
+        if shard is not None:
+            k, n = parse_shard(shard)
+            writer_id = writer_id or f"shard-{k}-of-{n}"
+        return TableWriter(self.table_dir(lineage), lineage, formats, writer_id=writer_id,
+                           rows_per_part=rows_per_part, consolidate=consolidate)
+
+    def commit(self, query: TableQuery) -> dict:
+        """Merge finished part writers' rows into the table (see ``commit_pending``)."""
+        lineage = self.resolve(query)
+        return commit_pending(self.table_dir(lineage), lineage)
+
+    def info(self, lineage: Lineage) -> TableInfo:
+        table_dir = self.table_dir(lineage)
+        formats = tuple(table_formats(table_dir))
+        rows = dimension = 0
+        if formats:
+            with TableReader(table_dir, format=formats[0]) as reader:
+                rows, dimension = len(reader), reader.dimension
+        size = sum(p.stat().st_size for p in table_dir.rglob("*") if p.is_file())
+        pending = table_dir / "pending"
+        writers = tuple(sorted(p.name for p in pending.iterdir())) if pending.is_dir() else ()
+        return TableInfo(lineage.key, lineage, formats, rows, dimension, size, writers)
+
+    def tables(self) -> list[TableInfo]:
+        """A :class:`TableInfo` for every table."""
+        return [self.info(lin) for lin in self.lineages()]
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``1 <= K <= N``."""
+    k, sep, n = str(shard).partition("/")
+    try:
+        k_i, n_i = int(k), int(n)
+    except ValueError:
+        k_i = n_i = 0
+    if not sep or not 1 <= k_i <= n_i:
+        raise FeatureStoreError(f"shard must be K/N with 1 <= K <= N, e.g. 2/4; got {shard!r}.")
+    return k_i, n_i
+
+
+def _describe(lin: Lineage) -> str:
+    aug = (lin.augmentation or {}).get("preset", "none")
+    h, w = lin.input_size
+    return (f"{lin.key}  backbone={lin.backbone} pool={lin.pool} input_size={h}x{w} "
+            f"weights={lin.weights} augmentation={aug}")
+
+
+def _show(query: Any) -> str:
+    return repr(query) if not isinstance(query, Mapping) else repr(dict(query))
