@@ -66,16 +66,14 @@ class TableReader:
         self.table_dir = Path(table_dir)
         self.lineage: Lineage = read_table_lineage(self.table_dir)
         available = table_formats(self.table_dir)
-        if format is None:
-            if not available:
-                raise FeatureStoreError(f"Table {self.key} has no committed rows yet.")
-            format = available[0]
-        elif format not in available:
+        if format is not None and available and format not in available:
             raise FeatureStoreError(
-                f"Table {self.key} is not stored as {format!r}; it has: "
-                f"{', '.join(available) or 'no data yet'}.")
-        self.format = format
-        self._segments: list[Segment] = get_format(format).open_segments(self.table_dir / format)
+                f"Table {self.key} is not stored as {format!r}; it has: {', '.join(available)}.")
+        # A table whose only rows are still pending in part writers reads as empty.
+        self.format = format or (available[0] if available else None)
+        self._segments: list[Segment] = []
+        if self.format in available:
+            self._segments = get_format(self.format).open_segments(self.table_dir / self.format)
         self._check_segment_lineage()
         sizes = [s.n_rows for s in self._segments]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -115,6 +113,8 @@ class TableReader:
 
     def size_bytes(self) -> int:
         """Bytes on disk of this format's files."""
+        if self.format is None:
+            return 0
         return sum(p.stat().st_size for p in (self.table_dir / self.format).rglob("*")
                    if p.is_file())
 

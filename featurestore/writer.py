@@ -374,9 +374,11 @@ def commit_pending(table_dir: Path, lineage: Lineage, *, consolidate: bool = Tru
     """
     summary = {"merged": [], "skipped": {}, "rows": 0, "duplicates": 0}
     pending_root = table_dir / PENDING_DIR
-    with TableWriter(table_dir, lineage, table_formats(table_dir) or ["hdf5"],
+    pendings = sorted(p for p in pending_root.glob("*") if p.is_dir())
+    formats = table_formats(table_dir) + [f for p in pendings for f in table_formats(p)]
+    with TableWriter(table_dir, lineage, list(dict.fromkeys(formats)) or ["hdf5"],
                      consolidate=consolidate) as writer:
-        for pending in sorted(p for p in pending_root.glob("*") if p.is_dir()):
+        for pending in pendings:
             lock = _HeldLock(pending / ".lock", f"Part writer {pending.name!r}")
             try:
                 lock.acquire()
