@@ -30,8 +30,9 @@ class FeatureArrays(NamedTuple):
     """What :meth:`TableReader.to_numpy` returns.
 
     X : (n_rows, n_features) float32 features.
-    y : (n_rows,) labels (str).
-    ids : (n_rows,) row keys ``"<image_id>:<aug_id>"``, unique in a table.
+    y : (n_rows,) labels (numpy str array).
+    ids : (n_rows,) record array of row keys with fields ``image_id`` and
+        ``aug_id``, unique in a table (``ids["aug_id"]``, ``pandas.DataFrame(ids)``).
     groups : (n_rows,) source image ids; every augmented view of an image shares
         its group, which is what grouped cross-validation needs.
     """
@@ -77,7 +78,7 @@ class TableReader:
         self._check_segment_lineage()
         sizes = [s.n_rows for s in self._segments]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._meta: pd.DataFrame | None = None
+        self._columns: dict[str, np.ndarray] = {}
 
     def _check_segment_lineage(self) -> None:
         dims = set()
@@ -118,22 +119,24 @@ class TableReader:
         return sum(p.stat().st_size for p in (self.table_dir / self.format).rglob("*")
                    if p.is_file())
 
+    def column(self, name: str) -> np.ndarray:
+        """One metadata column for every row, ``(n_rows,)``; read once, then cached."""
+        if name not in META_COLUMNS:
+            raise FeatureStoreError(
+                f"Unknown column {name!r}; metadata columns are {', '.join(META_COLUMNS)}.")
+        if name not in self._columns:
+            parts = [seg.read_meta([name])[name] for seg in self._segments]
+            self._columns[name] = np.concatenate(parts) if parts else \
+                np.array([], dtype=np.int32 if name == "aug_id" else str)
+        return self._columns[name]
+
     def metadata(self) -> pd.DataFrame:
         """Every row's metadata (:data:`~featurestore.rows.META_COLUMNS`), in row order."""
-        if self._meta is None:
-            parts = [seg.read_meta() for seg in self._segments]
-            if parts:
-                data = {c: np.concatenate([p[c] for p in parts]) for c in META_COLUMNS}
-            else:
-                data = {c: np.array([], dtype=np.int32 if c == "aug_id" else object)
-                        for c in META_COLUMNS}
-            self._meta = pd.DataFrame(data)
-        return self._meta
+        return pd.DataFrame({name: self.column(name) for name in META_COLUMNS})
 
     def keys(self) -> set[tuple[str, int]]:
         """The ``(image_id, aug_id)`` key of every row."""
-        meta = self.metadata()
-        return set(zip(meta["image_id"].tolist(), meta["aug_id"].tolist()))
+        return set(zip(self.column("image_id").tolist(), self.column("aug_id").tolist()))
 
     # -- selection ----------------------------------------------------------
     def select(self, *, split=None, label=None, aug=None) -> np.ndarray | None:
@@ -145,20 +148,19 @@ class TableReader:
         """
         if split is None and label is None and aug in (None, "all"):
             return None
-        meta = self.metadata()
-        mask = np.ones(len(meta), dtype=bool)
-        for column, wanted in (("split", _as_set(split)), ("label", _as_set(label))):
+        mask = np.ones(len(self), dtype=bool)
+        for name, wanted in (("split", _as_set(split)), ("label", _as_set(label))):
             if wanted is not None:
-                mask &= meta[column].isin([str(w) for w in wanted]).to_numpy()
+                mask &= pd.Series(self.column(name)).isin([str(w) for w in wanted]).to_numpy()
         if aug == "raw":
-            mask &= meta["aug_id"].to_numpy() == 0
+            mask &= self.column("aug_id") == 0
         elif aug == "augmented":
-            mask &= meta["aug_id"].to_numpy() > 0
+            mask &= self.column("aug_id") > 0
         elif aug not in (None, "all"):
             if isinstance(aug, str):
                 raise FeatureStoreError(
                     f"aug must be 'raw', 'augmented', 'all' or aug ids; got {aug!r}.")
-            mask &= meta["aug_id"].isin(list(_as_set(aug))).to_numpy()
+            mask &= np.isin(self.column("aug_id"), list(_as_set(aug)))
         return np.flatnonzero(mask)
 
     def read_features(self, rows: np.ndarray | None = None) -> np.ndarray:
@@ -211,10 +213,10 @@ class TableReader:
     def to_numpy(self, *, split=None, label=None, aug=None) -> FeatureArrays:
         """``(X, y, ids, groups)`` for the filtered rows (see :class:`FeatureArrays`)."""
         rows = self.select(split=split, label=label, aug=aug)
-        meta = self.metadata() if rows is None else self.metadata().iloc[rows]
-        image_id = meta["image_id"].to_numpy()
-        ids = (meta["image_id"] + ":" + meta["aug_id"].astype(str)).to_numpy()
-        return FeatureArrays(self.read_features(rows), meta["label"].to_numpy(), ids, image_id)
+        take = (lambda a: a) if rows is None else (lambda a: a[rows])
+        image_id, aug_id = take(self.column("image_id")), take(self.column("aug_id"))
+        ids = np.rec.fromarrays([image_id, aug_id], names="image_id,aug_id")
+        return FeatureArrays(self.read_features(rows), take(self.column("label")), ids, image_id)
 
     def to_pandas(self, *, split=None, label=None, aug=None, wide: bool = False) -> pd.DataFrame:
         """Metadata columns plus the features.

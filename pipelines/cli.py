@@ -3,7 +3,7 @@
 import click
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("featurestore", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="xray-featurestore")
 def main():
     """Image feature store with a classifier zoo.

@@ -60,7 +60,8 @@ def test_round_trip_values_dtype_order_metadata(store, fmt):
     np.testing.assert_array_equal(X, rows["features"])
     assert list(y) == rows["label"]
     assert list(groups) == rows["image_id"]
-    assert list(ids) == [f"{i}:{a}" for i, a in zip(rows["image_id"], rows["aug_id"])]
+    assert list(zip(ids["image_id"], ids["aug_id"])) == list(zip(rows["image_id"],
+                                                                  rows["aug_id"]))
     meta = reader.metadata()
     assert meta["path"].tolist() == rows["path"]
     assert meta["aug_params"].tolist() == rows["aug_params"]

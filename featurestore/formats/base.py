@@ -42,8 +42,8 @@ class Segment:
     n_rows: int
     n_features: int
 
-    def read_meta(self) -> dict[str, np.ndarray]:
-        """Every metadata column as an ``(n_rows,)`` array."""
+    def read_meta(self, columns=None) -> dict[str, np.ndarray]:
+        """Metadata columns (all of :data:`META_COLUMNS` by default) as ``(n_rows,)`` arrays."""
         raise NotImplementedError
 
     def read_features_into(self, out: np.ndarray, start: int, stop: int) -> None:
