@@ -277,14 +277,24 @@ class TableWriter:
             self._commit_part(self._buffered)
 
     def _commit_part(self, n: int) -> None:
-        rows = Rows.concat(self._buffer)
-        part, rest = rows.take(slice(0, n)), rows.take(slice(n, None))
+        # Take the first n buffered rows as views, so a huge append is cut into
+        # parts without copying the rest of the buffer for every part.
+        taken, need = [], n
+        while need:
+            head = self._buffer[0]
+            if len(head) <= need:
+                taken.append(self._buffer.pop(0))
+                need -= len(head)
+            else:
+                taken.append(head.take(slice(0, need)))
+                self._buffer[0] = head.take(slice(need, None))
+                need = 0
+        part = taken[0] if len(taken) == 1 else Rows.concat(taken)
         write_part(self.data_dir, self.formats, self._next_seq, part, self.lineage)
         self._next_seq += 1
         self.parts_written += 1
         self.rows_written += len(part)
-        self._buffer = [rest] if len(rest) else []
-        self._buffered = len(rest)
+        self._buffered -= n
 
     def _check_open(self) -> None:
         if self._lock is None:

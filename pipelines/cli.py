@@ -15,9 +15,9 @@ def main():
 
 def _register():
     # One module per command; each exposes a click command named ``command``.
-    from pipelines import scan, tables
+    from pipelines import demo, scan, tables
 
-    for module in (scan, tables):
+    for module in (demo, scan, tables):
         main.add_command(module.command)
 
 

@@ -106,13 +106,16 @@ def _widen(f: h5py.File, name: str, itemsize: int) -> None:
                      chunks=(4096,))
 
 
-def _append(f: h5py.File, rows: Rows) -> tuple[int, int]:
+def _append(f: h5py.File, columns) -> tuple[int, int]:
+    """Append ``columns`` (a Rows, or an open part file) to ``f``; returns the row range."""
+    raw = isinstance(columns, h5py.File)
     start = f["features"].shape[0]
-    stop = start + len(rows)
+    stop = start + (columns["features"].shape[0] if raw else len(columns))
     for name in ("features",) + META_COLUMNS:
-        values = getattr(rows, name)
+        values = columns[name][...] if raw else getattr(columns, name)
         if name not in ("features", "aug_id"):
-            values = _encode(values)
+            if not raw:
+                values = _encode(values)
             if values.dtype.itemsize > f[name].dtype.itemsize:
                 _widen(f, name, values.dtype.itemsize)
         ds = f[name]
@@ -192,10 +195,12 @@ class HDF5Format(TableFormat):
                     f = h5py.File(tmp, "a")
                 else:
                     f = h5py.File(tmp, "w")
-                    _create_datasets(f, self.read_part(pending[0]).n_features, lineage)
+                    with _open(pending[0]) as first:
+                        _create_datasets(f, first["features"].shape[1], lineage)
                 with f:
                     for part in pending:
-                        start, stop = _append(f, self.read_part(part))
+                        with _open(part) as source:  # raw bytes: no decode/encode round trip
+                            start, stop = _append(f, source)
                         absorbed.append([part_seq(part.name), start, stop])
                     f.attrs[_ABSORBED_ATTR] = json.dumps(absorbed)
 
