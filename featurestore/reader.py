@@ -20,7 +20,7 @@ from featurestore.formats import get_format
 from featurestore.formats.base import Segment
 from featurestore.lineage import Lineage
 from featurestore.rows import META_COLUMNS
-from featurestore.writer import read_table_lineage, table_formats
+from featurestore.tablefiles import read_table_lineage, table_formats
 
 #: Rows read per block when a filter keeps only some rows of a segment.
 _BLOCK_ROWS = 8192

@@ -17,8 +17,9 @@ from typing import Any
 from featurestore.errors import (AmbiguousTableError, FeatureStoreError, TableNotFoundError)
 from featurestore.lineage import Lineage, parse_query
 from featurestore.reader import TableReader
-from featurestore.writer import (LINEAGE_FILE, TableWriter, commit_pending, read_table_lineage,
-                                 table_formats)
+from featurestore.commit import commit_pending
+from featurestore.tablefiles import LINEAGE_FILE, read_table_lineage, table_formats
+from featurestore.writer import TableWriter
 
 TABLES_DIR = "tables"
 MANIFEST_FILE = "manifest.sqlite"
@@ -110,7 +111,7 @@ class Store:
     def _known(self) -> str:
         known = self.lineages()
         if not known:
-            return f"The store has no tables yet (run `featurestore extract`)."
+            return "The store has no tables yet (run `featurestore extract`)."
         return "Tables in the store:\n" + "\n".join(f"  {_describe(lin)}" for lin in known)
 
     def open(self, query: TableQuery, *, format: str | None = None) -> TableReader:

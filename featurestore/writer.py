@@ -17,107 +17,21 @@ writer, which copies the part into the format that misses it.
 
 from __future__ import annotations
 
-import contextlib
-import getpass
-import json
-import os
-import shutil
-import socket
-import sys
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import filelock
-import numpy as np
-
-from featurestore._io import atomic_write, atomic_write_text, remove_tmp_files
-from featurestore.errors import FeatureStoreError, LineageMismatchError, WriterLockedError
+from featurestore.errors import FeatureStoreError, LineageMismatchError
 from featurestore.formats import FORMATS, get_format
-from featurestore.formats.base import TableFormat, part_name
-from featurestore.formats.hdf5 import HDF5Format
 from featurestore.lineage import Lineage
+from featurestore.locking import HeldLock
 from featurestore.rows import Rows
-
-LINEAGE_FILE = "lineage.json"
-PENDING_DIR = "pending"
+from featurestore.tablefiles import (PENDING_DIR, committed_keys, committed_n_features,
+                                     ensure_table_dir, next_seq, reconcile_formats,
+                                     table_formats, write_part)
 
 
 class DuplicateRowError(FeatureStoreError, ValueError):
     """A row's ``(image_id, aug_id)`` key is already in the table."""
-
-
-def read_table_lineage(table_dir: Path) -> Lineage:
-    """The lineage recorded in a table directory."""
-    path = Path(table_dir) / LINEAGE_FILE
-    try:
-        return Lineage.from_json(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise FeatureStoreError(f"{table_dir} is not a feature table: {LINEAGE_FILE} is missing.") \
-            from err
-    except (ValueError, TypeError) as err:
-        raise FeatureStoreError(f"Cannot parse {path}: {err}") from err
-
-
-def table_formats(table_dir: Path) -> list[str]:
-    """Formats that hold data in a table directory, in registry order."""
-    return [name for name in FORMATS if (Path(table_dir) / name).is_dir()]
-
-
-def ensure_table_dir(table_dir: Path, lineage: Lineage) -> None:
-    """Create ``table_dir`` for ``lineage``, or check that it belongs to ``lineage``."""
-    table_dir.mkdir(parents=True, exist_ok=True)
-    path = table_dir / LINEAGE_FILE
-    if not path.exists():
-        atomic_write_text(path, json.dumps(lineage.to_dict(), indent=2, sort_keys=True))
-        return
-    existing = read_table_lineage(table_dir)
-    if existing != lineage:
-        fields = ", ".join(f"{k}: table has {a!r}, writer has {b!r}"
-                           for k, (a, b) in existing.diff(lineage).items())
-        raise LineageMismatchError(f"Table {table_dir} holds another recipe ({fields}).")
-
-
-class _HeldLock:
-    """A non-blocking file lock that records and reports who holds it."""
-
-    def __init__(self, path: Path, what: str):
-        self.path = path
-        self.info_path = path.with_name(path.name + ".json")
-        self.what = what
-        self._lock = filelock.FileLock(str(path), timeout=0)
-
-    def acquire(self) -> None:
-        try:
-            self._lock.acquire()
-        except filelock.Timeout:
-            raise WriterLockedError(
-                f"{self.what} is being written by {self._holder()}. Wait for that writer to "
-                f"finish or stop it; a killed writer releases the lock by itself.") from None
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "user": _user(),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
-        atomic_write_text(self.info_path, json.dumps(holder))
-
-    def release(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.info_path.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            self._lock.release()
-
-    def _holder(self) -> str:
-        try:
-            h = json.loads(self.info_path.read_text())
-        except (OSError, ValueError):
-            return "another process (it left no holder information)"
-        return f"pid {h['pid']} on {h['host']} (user {h['user']}, since {h['since']}, " \
-               f"command: {h['command']!r})"
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
 
 
 class TableWriter:
@@ -165,7 +79,7 @@ class TableWriter:
         self._buffered = 0
         self._keys: set[tuple[str, int]] = set()
         self._n_features: int | None = None
-        self._lock: _HeldLock | None = None
+        self._lock: HeldLock | None = None
         self.rows_written = 0
         self.parts_written = 0
 
@@ -182,7 +96,7 @@ class TableWriter:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         what = f"Table {self.lineage.key}" if self.writer_id is None else \
             f"Part writer {self.writer_id!r} of table {self.lineage.key}"
-        self._lock = _HeldLock(self.data_dir / ".lock", what)
+        self._lock = HeldLock(self.data_dir / ".lock", what)
         self._lock.acquire()
         try:
             self.formats = list(dict.fromkeys(table_formats(self.data_dir) + self._requested))
@@ -193,8 +107,8 @@ class TableWriter:
             self._keys = set(committed_keys(self.table_dir))
             if self.writer_id is not None:
                 self._keys |= committed_keys(self.data_dir)
-            self._n_features = _committed_n_features(self.data_dir, self.formats) or \
-                _committed_n_features(self.table_dir, table_formats(self.table_dir))
+            self._n_features = committed_n_features(self.data_dir, self.formats) or \
+                committed_n_features(self.table_dir, table_formats(self.table_dir))
             self._next_seq = next_seq(self.data_dir, self.formats)
         except BaseException:
             self._release()
@@ -300,143 +214,3 @@ class TableWriter:
         if self._lock is None:
             raise FeatureStoreError(
                 "The writer is not open; use it as `with store.writer(...) as w:`.")
-
-
-def write_part(data_dir: Path, formats: Iterable[str], seq: int, rows: Rows,
-               lineage: Lineage) -> None:
-    """Commit ``rows`` as part ``seq`` in every format, each file atomically."""
-    for name in formats:
-        fmt = get_format(name)
-        atomic_write(data_dir / name / part_name(seq, fmt.suffix),
-                     lambda tmp, fmt=fmt: fmt.write_part(tmp, rows, lineage))
-
-
-def next_seq(data_dir: Path, formats: Iterable[str]) -> int:
-    seqs = set().union(*(get_format(f).committed_seqs(data_dir / f) for f in formats))
-    return max(seqs, default=0) + 1
-
-
-def read_committed_part(data_dir: Path, formats: Iterable[str], seq: int) -> Rows:
-    """The rows of part ``seq`` from whichever format still holds them."""
-    for name in formats:
-        fmt = get_format(name)
-        path = data_dir / name / part_name(seq, fmt.suffix)
-        if path.exists():
-            return fmt.read_part(path)
-        if isinstance(fmt, HDF5Format):
-            rows = fmt.absorbed_rows(data_dir / name, seq)
-            if rows is not None:
-                return rows
-    raise FeatureStoreError(f"Part {seq} of {data_dir} is in none of the formats {list(formats)}.")
-
-
-def reconcile_formats(data_dir: Path, formats: Sequence[str], lineage: Lineage) -> int:
-    """Copy parts that one format has and another lacks; returns parts copied.
-
-    Happens after a kill between the formats' writes of one part, or when a
-    format is added to an existing table (a full backfill). Call under the lock.
-    """
-    seqs = {name: get_format(name).committed_seqs(data_dir / name) for name in formats}
-    copied = 0
-    for seq in sorted(set().union(*seqs.values())):
-        missing = [name for name in formats if seq not in seqs[name]]
-        if missing:
-            rows = read_committed_part(data_dir, formats, seq)
-            write_part(data_dir, missing, seq, rows, lineage)
-            copied += 1
-    return copied
-
-
-def committed_keys(data_dir: Path) -> set[tuple[str, int]]:
-    """Keys of every committed row under ``data_dir`` (a table or a pending folder)."""
-    formats = table_formats(data_dir)
-    if not formats:
-        return set()
-    fmt = get_format(formats[0])
-    keys: set[tuple[str, int]] = set()
-    for seg in fmt.open_segments(data_dir / formats[0]):
-        try:
-            meta = seg.read_meta()
-            keys.update(zip(meta["image_id"].tolist(), meta["aug_id"].tolist()))
-        finally:
-            seg.close()
-    return keys
-
-
-def _committed_n_features(data_dir: Path, formats: Sequence[str]) -> int | None:
-    for name in formats:
-        segments = get_format(name).open_segments(data_dir / name)
-        try:
-            if segments:
-                return segments[0].n_features
-        finally:
-            for seg in segments:
-                seg.close()
-    return None
-
-
-def commit_pending(table_dir: Path, lineage: Lineage, *, consolidate: bool = True) -> dict:
-    """Merge the parts of finished part writers into the table; skip running ones.
-
-    Rows whose key is already committed are dropped (a shard rerun or overlap),
-    so the table keeps exactly one row per ``(image_id, aug_id)``.
-    Returns ``{"merged": [...], "skipped": {writer: reason}, "rows": n, "duplicates": n}``.
-    """
-    summary = {"merged": [], "skipped": {}, "rows": 0, "duplicates": 0}
-    pending_root = table_dir / PENDING_DIR
-    pendings = sorted(p for p in pending_root.glob("*") if p.is_dir())
-    formats = table_formats(table_dir) + [f for p in pendings for f in table_formats(p)]
-    with TableWriter(table_dir, lineage, list(dict.fromkeys(formats)) or ["hdf5"],
-                     consolidate=consolidate) as writer:
-        for pending in pendings:
-            lock = _HeldLock(pending / ".lock", f"Part writer {pending.name!r}")
-            try:
-                lock.acquire()
-            except WriterLockedError as err:
-                summary["skipped"][pending.name] = str(err)
-                continue
-            try:
-                formats = table_formats(pending)
-                for name in formats:
-                    remove_tmp_files(pending / name)
-                part_lineages = _pending_lineages(pending, formats)
-                for other in part_lineages:
-                    if other != lineage:
-                        raise LineageMismatchError(
-                            f"Pending parts in {pending} were computed with another recipe "
-                            f"({other.diff(lineage)}); refusing to merge them into "
-                            f"{lineage.key}.")
-                all_seqs = set().union(*(get_format(f).committed_seqs(pending / f)
-                                         for f in formats))
-                for seq in sorted(all_seqs):
-                    rows = read_committed_part(pending, formats, seq)
-                    known = writer.existing_keys()
-                    keep = np.array([k not in known for k in rows.keys()], dtype=bool)
-                    summary["duplicates"] += int((~keep).sum())
-                    writer.append_rows(rows.take(keep))
-                    writer.flush()
-                    summary["rows"] += int(keep.sum())
-                summary["merged"].append(pending.name)
-                # Delete while still holding the lock, so no part writer of the
-                # same name can start writing into a folder that is going away.
-                shutil.rmtree(pending)
-            finally:
-                lock.release()
-    with contextlib.suppress(OSError):
-        pending_root.rmdir()
-    return summary
-
-
-def _pending_lineages(pending: Path, formats: Sequence[str]) -> list[Lineage]:
-    lineages = []
-    for name in formats:
-        for seg in get_format(name).open_segments(pending / name):
-            try:
-                lineages.append(seg.read_file_lineage())
-            finally:
-                seg.close()
-    return lineages
-
-
-__all__ = ["TableWriter", "DuplicateRowError", "commit_pending", "read_table_lineage",
-           "table_formats", "TableFormat"]
