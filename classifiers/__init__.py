@@ -1,4 +1,13 @@
 """Classifier heads, their search spaces, cross-validation and metrics.
 
-Knows nothing of files or images: everything here takes ``(X, y, groups)``.
+Knows nothing of files or images: everything here takes ``(X, y, groups)``
+arrays. ``registry`` holds the heads (``create_head``, ``list_heads``),
+``cv`` the grouped folds and out-of-fold predictions, ``metrics`` the
+objectives and the recall-floor threshold, ``search`` the Optuna study.
 """
+
+from classifiers.registry import (HeadSpec, UnknownHeadError, create_head, get_head_spec,
+                                  list_heads, register_head)
+
+__all__ = ["HeadSpec", "UnknownHeadError", "create_head", "get_head_spec", "list_heads",
+           "register_head"]

@@ -7,8 +7,6 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from featurestore._io import remove_tmp_files
 from featurestore.errors import LineageMismatchError, WriterLockedError
 from featurestore.formats import get_format
@@ -53,8 +51,7 @@ def commit_pending(table_dir: Path, lineage: Lineage, *, consolidate: bool = Tru
                                          for f in formats))
                 for seq in sorted(all_seqs):
                     rows = read_committed_part(pending, formats, seq)
-                    known = writer.existing_keys()
-                    keep = np.array([k not in known for k in rows.keys()], dtype=bool)
+                    keep = ~writer.known(rows.keys())
                     summary["duplicates"] += int((~keep).sum())
                     writer.append_rows(rows.take(keep))
                     writer.flush()

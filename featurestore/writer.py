@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from featurestore.errors import FeatureStoreError, LineageMismatchError
 from featurestore.formats import FORMATS, get_format
 from featurestore.lineage import Lineage
@@ -148,6 +150,11 @@ class TableWriter:
         """``(image_id, aug_id)`` keys committed or buffered so far (a copy)."""
         self._check_open()
         return set(self._keys)
+
+    def known(self, keys) -> np.ndarray:
+        """Boolean mask ``(len(keys),)``: which ``(image_id, aug_id)`` keys are already in."""
+        self._check_open()
+        return np.fromiter((k in self._keys for k in keys), dtype=bool)
 
     def append(self, features, image_id: Sequence[str], aug_id: Sequence[int] | None = None,
                label: Sequence[str] | None = None, split: Sequence[str] | None = None,
