@@ -1,0 +1,105 @@
+"""``featurestore search``: the stored images most similar to an image or an image id."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+
+from featurestore import FeatureStoreError, Store, TableReader
+from featurestore.index import SimilarityIndex
+from featurestore.similarity import METRICS, Neighbours, exact_search
+
+
+@dataclass
+class SearchConfig:
+    store: Path
+    """Store folder."""
+    table: str
+    """Table query, e.g. ``densenet121/max``, or a key."""
+    query: str
+    """An image file, or an image id (or a unique prefix of at least 8 characters)."""
+    k: int = 10
+    """Number of neighbours."""
+    metric: str = "cosine"
+    """``cosine`` or ``l2``; uses the saved index of that metric when there is one."""
+
+
+def run_search(config: SearchConfig) -> pd.DataFrame:
+    """Neighbours nearest first: rank, image_id, aug_id, label, split, path, distance.
+
+    The query image and its own augmented views are never returned.
+    """
+    with Store(config.store, create=False).open(config.table) as reader:
+        groups, codes = group_codes(reader)
+        vector, group = query_vector(reader, config.query, codes)
+        result = search_table(reader, vector[None, :], config.k, config.metric,
+                              query_groups=np.array([group]), base_groups=groups)
+        meta = reader.metadata()
+    rows = result.index[0]
+    found = rows >= 0
+    out = meta.iloc[rows[found]][["image_id", "aug_id", "label", "split", "path"]]
+    out = out.reset_index(drop=True)
+    out.insert(0, "rank", np.arange(1, len(out) + 1))
+    out["distance"] = result.distance[0][found]
+    return out
+
+
+def group_codes(reader: TableReader) -> tuple[np.ndarray, dict[str, int]]:
+    """Integer group per row (its image id) and the image-id-to-code map."""
+    codes, uniques = pd.factorize(reader.column("image_id"))
+    return codes.astype(np.int64), {image_id: i for i, image_id in enumerate(uniques)}
+
+
+def query_vector(reader: TableReader, query: str, codes: dict[str, int]) -> tuple[np.ndarray, int]:
+    """Features of the query's raw row and its group code (-1 when not in the table)."""
+    path = Path(query)
+    if path.is_file():
+        image_id = hashlib.sha256(path.read_bytes()).hexdigest()
+        if image_id not in codes:
+            raise FeatureStoreError(
+                f"Image {path} (id {image_id[:12]}) is not in table {reader.key}; extract it "
+                f"into the table first (`featurestore extract`).")
+    else:
+        matches = [i for i in codes if i.startswith(query)] if len(query) >= 8 else []
+        if len(matches) != 1:
+            problem = "matches no image" if not matches else f"matches {len(matches)} images"
+            raise FeatureStoreError(
+                f"Query {query!r} is not an image file and {problem} of table {reader.key}; "
+                f"give an image path or an image id (at least 8 leading characters).")
+        image_id = matches[0]
+    raw = np.flatnonzero((reader.column("image_id") == image_id) & (reader.column("aug_id") == 0))
+    rows = raw if raw.size else np.flatnonzero(reader.column("image_id") == image_id)[:1]
+    return reader.read_features(rows)[0], codes[image_id]
+
+
+def search_table(reader: TableReader, queries: np.ndarray, k: int, metric: str, *,
+                 query_groups=None, base_groups=None) -> Neighbours:
+    """Search the saved index of ``metric`` when it is fresh, else the table exactly."""
+    try:
+        index = SimilarityIndex.load(reader, metric=metric)
+    except FeatureStoreError:
+        return exact_search(queries, reader.read_features(), k, metric=metric,
+                            query_groups=query_groups, base_groups=base_groups)
+    return index.search(queries, k, query_groups=query_groups, base_groups=base_groups)
+
+
+@click.command("search")
+@click.argument("query")
+@click.option("--store", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--table", required=True, help="Table query, e.g. densenet121/max, or a key.")
+@click.option("--k", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--metric", type=click.Choice(METRICS), default="cosine", show_default=True)
+def command(query: str, store: Path, table: str, k: int, metric: str):
+    """The k stored images most similar to QUERY (an image file or an image id)."""
+    try:
+        frame = run_search(SearchConfig(store=store, table=table, query=query, k=k,
+                                        metric=metric))
+    except FeatureStoreError as err:
+        raise click.ClickException(str(err)) from err
+    frame["image_id"] = frame["image_id"].str[:12]
+    click.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -1,0 +1,121 @@
+"""index, search, eval-search and near-duplicates on real digit features."""
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from sklearn.datasets import load_digits
+
+from featurestore import FeatureStoreError, Store
+from pipelines.cli import main
+from pipelines.eval_search import EvalSearchConfig, comparison_table, run_eval_search
+from pipelines.index import IndexConfig, run_index
+from pipelines.near_duplicates import NearDuplicatesConfig, run_near_duplicates
+from pipelines.search import SearchConfig, run_search
+from tests.test_tables import make_lineage
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    """Two tables of the 1,797 real digits: clean pixels ("max") and noisy ones ("avg").
+
+    Each image also has two augmented views (aug_id 1, 2) that sit right next
+    to it, so any leak of own views into the neighbours would show.
+    """
+    root = tmp_path_factory.mktemp("search")
+    digits = load_digits()
+    X = digits.data.astype(np.float32)
+    n = len(X)
+    ids = [hashlib.sha256(f"digit-{i}".encode()).hexdigest() for i in range(n)]
+    labels = digits.target.astype(str)
+    splits = np.where(np.arange(n) % 5 == 0, "test", "train")
+    store = Store(root / "store")
+    rng = np.random.default_rng(0)
+    for pool, noise in (("max", 0.0), ("avg", 6.0)):
+        base = X + noise * rng.standard_normal(X.shape).astype(np.float32)
+        with store.writer(make_lineage(pool=pool)) as w:
+            w.append(base, image_id=ids, label=labels, split=splits,
+                     path=[f"{lab}/{i:04d}.png" for i, lab in enumerate(labels)])
+            for aug in (1, 2):
+                w.append(base + 0.01 * aug, image_id=ids, aug_id=[aug] * n, label=labels,
+                         split=splits)
+    return store, ids, labels, X
+
+
+def test_search_by_id_excludes_the_image_and_its_views(digits_store):
+    store, ids, labels, _ = digits_store
+    run_index(IndexConfig(store=store.root, table="densenet121/max"))
+    result = run_search(SearchConfig(store=store.root, table="densenet121/max",
+                                     query=ids[0][:10], k=10))
+    assert list(result["rank"]) == list(range(1, 11))
+    assert ids[0] not in set(result["image_id"])
+    assert (result["label"] == labels[0]).all()  # a zero among zeros
+    assert result["distance"].is_monotonic_increasing
+    # Same neighbours as brute force over the raw and augmented rows of other images.
+    X = store.open("densenet121/max").read_features()
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    dist = 1 - Xn @ Xn[0]
+    dist[[0, len(ids), 2 * len(ids)]] = np.inf  # the image and its two views
+    np.testing.assert_allclose(result["distance"], np.sort(dist)[:10], atol=1e-5)
+
+
+def test_search_by_image_file(digits_store, tmp_path):
+    store, ids, labels, _ = digits_store
+    query = tmp_path / "scan.png"
+    query.write_bytes(b"digit-7")  # its SHA-256 is the id of row 7
+    by_file = run_search(SearchConfig(store=store.root, table="densenet121/max",
+                                      query=str(query), k=5))
+    by_id = run_search(SearchConfig(store=store.root, table="densenet121/max", query=ids[7],
+                                    k=5))
+    pd.testing.assert_frame_equal(by_file, by_id)
+    with pytest.raises(FeatureStoreError, match="matches no image"):
+        run_search(SearchConfig(store=store.root, table="densenet121/max", query="ffffffffff"))
+
+
+def test_eval_search_compares_tables_per_class(digits_store):
+    store, *_ = digits_store
+    result = run_eval_search(EvalSearchConfig(store=store.root, ks=(10, 20),
+                                              queries=(100, 300)))
+    overall = result[(result.label == "all") & (result.queries == 300) & (result.k == 10)]
+    by_name = dict(zip(overall.name, overall.precision))
+    # Own views excluded: clean digits still reach ~0.95, noisy pixels far less.
+    assert 0.9 <= by_name["densenet121/max"] < 1.0
+    assert by_name["densenet121/avg"] < by_name["densenet121/max"] - 0.1
+    per_class = result[(result.queries == 300) & (result.k == 20) & (result.label != "all")]
+    assert per_class.groupby("name")["n_queries"].sum().tolist() == [300, 300]
+    side_by_side = comparison_table(result)
+    assert list(side_by_side.index)[-1] == "all" and side_by_side.shape == (11, 4)
+    saved = pd.read_parquet(store.root / "search_eval.parquet")
+    assert len(saved) == len(result)
+
+
+def test_eval_search_cli_prints_tables_side_by_side(digits_store):
+    store, *_ = digits_store
+    out = CliRunner().invoke(main, ["eval-search", "--store", str(store.root), "--k", "10",
+                                    "--queries", "64"])
+    assert out.exit_code == 0, out.output
+    assert "densenet121/max" in out.output and "densenet121/avg" in out.output
+    assert "own augmented views excluded" in out.output
+
+
+def test_near_duplicates_flag_cross_split_pairs(tmp_path):
+    store = Store(tmp_path / "store")
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((50, 16)).astype(np.float32)
+    X[40] = X[3] * 1.0001                      # the same scan re-saved, in another split
+    X[41] = X[4] + 1e-5                        # a duplicate inside train
+    splits = ["train"] * 50
+    splits[40] = "test"
+    with store.writer(make_lineage()) as w:
+        w.append(X, image_id=[f"{i:064x}" for i in range(50)], label=["a"] * 50, split=splits)
+        w.append(X[:5] + 1e-6, image_id=[f"{i:064x}" for i in range(5)], aug_id=[1] * 5)
+    pairs = run_near_duplicates(NearDuplicatesConfig(store=store.root, table="densenet121/max",
+                                                     threshold=1e-3))
+    got = {(a[-2:], b[-2:]): leak for a, b, leak in
+           zip(pairs.image_id_a, pairs.image_id_b, pairs.leakage)}
+    assert got == {("03", "28"): True, ("04", "29"): False}  # augmented views are not pairs
+    out = CliRunner().invoke(main, ["near-duplicates", "--store", str(store.root), "--table",
+                                    "densenet121/max", "--threshold", "0.001"])
+    assert "2 near-duplicate pairs" in out.output and "1 cross splits (leakage)" in out.output
