@@ -27,6 +27,7 @@ KINDS = ("exact", "hnsw")
 #: ``kind="auto"`` builds an exact index below this many rows, HNSW above.
 AUTO_HNSW_ROWS = 1_000_000
 INDEX_DIR = "index"
+_BUILD_BATCH_ROWS = 16384
 
 
 class IndexStaleError(FeatureStoreError):
@@ -74,8 +75,9 @@ class SimilarityIndex:
               ) -> SimilarityIndex:
         """Build and save the index of ``reader``'s table.
 
-        Peak memory is about twice the feature matrix: the matrix itself, plus
-        the saved copy (exact) or faiss' copy and graph (HNSW).
+        Rows are streamed in batches, so an exact build holds one batch at a
+        time and an HNSW build faiss' own copy of the vectors plus its graph:
+        never more than about the table's size on top of one batch.
         """
         check_metric(metric)
         if kind == "auto":
@@ -88,20 +90,19 @@ class SimilarityIndex:
         directory = cls.path_for(reader, metric)
         directory.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        X = reader.read_features()
-        if metric == "cosine":
-            X = normalize_rows(X, copy=False)
-        meta = {"kind": kind, "metric": metric, "rows": len(reader), "dimension": X.shape[1],
-                "table_key": reader.key}
+        meta = {"kind": kind, "metric": metric, "rows": len(reader),
+                "dimension": reader.dimension, "table_key": reader.key}
+        batches = (_prepared(X, metric) for X, _ in reader.iter_batches(_BUILD_BATCH_ROWS))
         if kind == "exact":
-            atomic_write(directory / "vectors.npy", lambda tmp: _save_npy(tmp, X))
+            shape = (len(reader), reader.dimension)
+            atomic_write(directory / "vectors.npy", lambda tmp: _stream_npy(tmp, shape, batches))
         else:
             faiss = _faiss()
             space = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-            hnsw = faiss.IndexHNSWFlat(X.shape[1], hnsw_m, space)
+            hnsw = faiss.IndexHNSWFlat(reader.dimension, hnsw_m, space)
             hnsw.hnsw.efConstruction = ef_construction
-            hnsw.add(X)
-            del X
+            for batch in batches:
+                hnsw.add(batch)
             atomic_write(directory / "hnsw.faiss", lambda tmp: faiss.write_index(hnsw, str(tmp)))
             meta.update(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
         meta["build_seconds"] = round(time.perf_counter() - t0, 3)
@@ -158,6 +159,15 @@ class SimilarityIndex:
         return Neighbours(dist.astype(np.float32), idx)
 
 
-def _save_npy(path: Path, X: np.ndarray) -> None:
+def _prepared(X: np.ndarray, metric: str) -> np.ndarray:
+    return normalize_rows(X, copy=False) if metric == "cosine" else X
+
+
+def _stream_npy(path: Path, shape: tuple[int, int], batches) -> None:
+    """Write a float32 ``.npy`` of ``shape`` from row batches, one batch in memory."""
     with open(path, "wb") as f:
-        np.save(f, X)
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                "fortran_order": False, "shape": shape})
+        for batch in batches:
+            f.write(memoryview(np.ascontiguousarray(batch, dtype=np.float32)))

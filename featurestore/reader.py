@@ -24,6 +24,8 @@ from featurestore.tablefiles import read_table_lineage, table_formats
 
 #: Rows read per block when a filter keeps only some rows of a segment.
 _BLOCK_ROWS = 8192
+#: Average run length from which a selection is read run by run rather than by blocks.
+_MIN_RUN_ROWS = 64
 
 
 class FeatureArrays(NamedTuple):
@@ -194,20 +196,23 @@ class TableReader:
 
     @staticmethod
     def _read_sparse(seg: Segment, local: np.ndarray, out: np.ndarray) -> None:
+        starts = np.flatnonzero(np.diff(local, prepend=-2) != 1)
+        if len(starts) * _MIN_RUN_ROWS <= local.size:
+            # Long runs (slices, split filters on sorted tables): read each in place.
+            ends = np.append(starts[1:], local.size)
+            for a, b in zip(starts, ends):
+                seg.read_features_into(out[a:b], int(local[a]), int(local[b - 1]) + 1)
+            return
+        # Scattered rows: read bounded blocks and gather the wanted rows from each.
         written = 0
         for b0 in range(int(local[0]) - int(local[0]) % _BLOCK_ROWS, int(local[-1]) + 1,
                         _BLOCK_ROWS):
-            b1 = min(b0 + _BLOCK_ROWS, seg.n_rows)
-            want = local[(local >= b0) & (local < b1)]
-            if want.size == 0:
-                continue
-            if want.size == b1 - b0:
-                seg.read_features_into(out[written: written + want.size], b0, b1)
-            else:
+            want = local[(local >= b0) & (local < b0 + _BLOCK_ROWS)]
+            if want.size:
                 lo, hi = int(want[0]), int(want[-1]) + 1
-                block = seg.read_features(lo, hi)
-                out[written: written + want.size] = block[want - lo]
-            written += want.size
+                np.take(seg.read_features(lo, hi), want - lo, axis=0,
+                        out=out[written: written + want.size])
+                written += want.size
 
     # -- outputs ------------------------------------------------------------
     def to_numpy(self, *, split=None, label=None, aug=None) -> FeatureArrays:

@@ -32,7 +32,7 @@ def check_metric(metric: str) -> str:
 def normalize_rows(X: np.ndarray, *, copy: bool = True) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero); float32 ``(n, d)``."""
     X = np.array(X, dtype=np.float32, copy=copy)
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X))[:, None]  # no (n, d) temporary
     np.divide(X, norms, out=X, where=norms > 0)
     return X
 
