@@ -44,12 +44,19 @@ def test_tables_on_a_missing_store_names_it(tmp_path):
 
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path):
-    config = DemoConfig(workdir=tmp_path / "demo", image_size=8, progress=False)
+    config = DemoConfig(workdir=tmp_path / "demo", image_size=32, weights="none",
+                        progress=False)
     lines = []
     first = run_demo(config, echo=lines.append)
     assert first["scan"].added == 1797
     with Manifest(config.store / "manifest.sqlite") as manifest:
         counts = manifest.counts()
     assert int(counts.to_numpy().sum()) == 1797 and sorted(counts.columns) == list("0123456789")
+    assert first["extract"].views_written == 1797 and first["extract"].exit_code == 0
+    assert sorted(first["tables"]["pool"]) == ["avg", "max"]
+    assert (first["tables"]["rows"] == 1797).all()
+    overall = first["eval_search"].query("label == 'all'")["precision"]
+    assert (overall > 0.5).all()  # real digits cluster even under random weights
     again = run_demo(config, echo=lines.append)
     assert again["scan"].added == 0 and again["scan"].unchanged == 1797
+    assert again["extract"].views_written == 0 and again["extract"].views_skipped == 1797
