@@ -22,11 +22,15 @@ class SearchConfig:
     table: str
     """Table query, e.g. ``densenet121/max``, or a key."""
     query: str
-    """An image file, or an image id (or a unique prefix of at least 8 characters)."""
+    """An image file, or an image id (or a unique prefix of at least 8 characters).
+    An image not in the table is extracted with the table's own recipe first."""
     k: int = 10
     """Number of neighbours."""
     metric: str = "cosine"
     """``cosine`` or ``l2``; uses the saved index of that metric when there is one."""
+    weights: str | None = None
+    """Weights file of the table's recipe, needed only to extract a new query image
+    of a table computed from a file (``imagenet`` comes from Keras' cache)."""
 
 
 def run_search(config: SearchConfig) -> pd.DataFrame:
@@ -36,7 +40,7 @@ def run_search(config: SearchConfig) -> pd.DataFrame:
     """
     with Store(config.store, create=False).open(config.table) as reader:
         groups, codes = group_codes(reader)
-        vector, group = query_vector(reader, config.query, codes)
+        vector, group = query_vector(reader, config.query, codes, weights=config.weights)
         result = search_table(reader, vector[None, :], config.k, config.metric,
                               query_groups=np.array([group]), base_groups=groups)
         meta = reader.metadata()
@@ -55,15 +59,19 @@ def group_codes(reader: TableReader) -> tuple[np.ndarray, dict[str, int]]:
     return codes.astype(np.int64), {image_id: i for i, image_id in enumerate(uniques)}
 
 
-def query_vector(reader: TableReader, query: str, codes: dict[str, int]) -> tuple[np.ndarray, int]:
+def query_vector(reader: TableReader, query: str, codes: dict[str, int], *,
+                 weights: str | None = None) -> tuple[np.ndarray, int]:
     """Features of the query's raw row and its group code (-1 when not in the table)."""
     path = Path(query)
     if path.is_file():
         image_id = hashlib.sha256(path.read_bytes()).hexdigest()
         if image_id not in codes:
-            raise FeatureStoreError(
-                f"Image {path} (id {image_id[:12]}) is not in table {reader.key}; extract it "
-                f"into the table first (`featurestore extract`).")
+            from pipelines.featurize import featurize_files  # imports the backbone code
+
+            X, _, errors = featurize_files([path], reader.lineage, weights_path=weights)
+            if errors:
+                raise FeatureStoreError(f"Cannot read query image {errors[0][0]}: {errors[0][1]}")
+            return X[0], -1
     else:
         matches = [i for i in codes if i.startswith(query)] if len(query) >= 8 else []
         if len(matches) != 1:
@@ -94,11 +102,17 @@ def search_table(reader: TableReader, queries: np.ndarray, k: int, metric: str, 
 @click.option("--table", required=True, help="Table query, e.g. densenet121/max, or a key.")
 @click.option("--k", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--metric", type=click.Choice(METRICS), default="cosine", show_default=True)
-def command(query: str, store: Path, table: str, k: int, metric: str):
-    """The k stored images most similar to QUERY (an image file or an image id)."""
+@click.option("--weights", default=None,
+              help="The table's weights file, to extract a new query image (file recipes only).")
+def command(query: str, store: Path, table: str, k: int, metric: str, weights: str | None):
+    """The k stored images most similar to QUERY (an image file or an image id).
+
+    A query image that is not in the table is extracted with the table's own
+    recipe (backbone, weights, input size, preprocessing, pooling) first.
+    """
     try:
         frame = run_search(SearchConfig(store=store, table=table, query=query, k=k,
-                                        metric=metric))
+                                        metric=metric, weights=weights))
     except FeatureStoreError as err:
         raise click.ClickException(str(err)) from err
     frame["image_id"] = frame["image_id"].str[:12]

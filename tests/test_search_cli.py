@@ -119,3 +119,37 @@ def test_near_duplicates_flag_cross_split_pairs(tmp_path):
     out = CliRunner().invoke(main, ["near-duplicates", "--store", str(store.root), "--table",
                                     "densenet121/max", "--threshold", "0.001"])
     assert "2 near-duplicate pairs" in out.output and "1 cross splits (leakage)" in out.output
+
+
+def test_new_query_image_is_extracted_with_the_tables_recipe(tmp_path):
+    from PIL import Image, PngImagePlugin
+
+    from pipelines.demo_data import write_digits_dataset
+    from pipelines.extract import ExtractConfig, run_extract
+
+    dataset = tmp_path / "digits"
+    write_digits_dataset(dataset, size=32)
+    for path in sorted(dataset.rglob("*.png"))[60:]:  # keep 60 images: a fast extract
+        path.unlink()
+    store = tmp_path / "store"
+    run_extract(ExtractConfig(dataset=dataset, store=store, pool="max", weights="none",
+                              image_size=32, workers=1, progress=False))
+    original = sorted(dataset.rglob("*.png"))[0]
+    # Same pixels, different bytes: a new image id that must be extracted first.
+    query = tmp_path / "rescan.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("scanner", "gate 4")
+    Image.open(original).save(query, pnginfo=info)
+    result = run_search(SearchConfig(store=store, table="densenet121/max", query=str(query),
+                                     k=3))
+    assert result["path"].iloc[0] == original.relative_to(dataset).as_posix()
+    assert result["distance"].iloc[0] < 1e-5
+
+
+def test_new_query_needs_the_tables_weights_file():
+    from featurestore import LineageMismatchError
+    from pipelines.featurize import engine_settings_for
+
+    lineage = make_lineage(weights="file:scanner-finetuned.h5", weights_sha256="ab" * 32)
+    with pytest.raises(LineageMismatchError, match="pass that file"):
+        engine_settings_for(lineage)

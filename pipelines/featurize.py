@@ -1,0 +1,88 @@
+"""Features of new image files, computed with exactly a table's recipe.
+
+Used where an image outside the store must be compared with, or scored
+against, stored features (``featurestore search`` today; ``predict`` later):
+the backbone, weights, input size, preprocessing and pooling all come from the
+table's :class:`~featurestore.Lineage`, and the weights file's SHA-256 must
+match the lineage's, so a query is never embedded in another space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from featurestore import Lineage, LineageMismatchError
+from pipelines.backbones import get_spec
+from pipelines.engine import EngineSettings, run_engine
+from pipelines.loader import ImageTask, ViewRecipe
+from pipelines.weights import resolve_weights
+
+
+def engine_settings_for(lineage: Lineage, *, weights_path: str | None = None,
+                        batch_size: int = 8) -> EngineSettings:
+    """Engine settings that reproduce ``lineage``'s raw-view features.
+
+    ``weights_path`` is needed when the table was computed from a weights file
+    (``file:<name>``); for ``imagenet`` Keras' cache is used unless it is given.
+    A file whose SHA-256 differs from the lineage's is refused.
+    """
+    spec = get_spec(lineage.backbone)
+    seed, path = 0, None
+    if lineage.weights.startswith("random:"):
+        seed = int(lineage.weights.split(":", 1)[1])
+    else:
+        if weights_path is None and lineage.weights != "imagenet":
+            raise LineageMismatchError(
+                f"Table {lineage.key} was computed with weights {lineage.weights!r}; pass that "
+                f"file (weights_path= / --weights PATH) to compute features for new images.")
+        resolved = resolve_weights(spec, weights_path or "imagenet")
+        if resolved.sha256 != lineage.weights_sha256:
+            raise LineageMismatchError(
+                f"Weights {resolved.path} have SHA-256 {resolved.sha256[:12]}..., but table "
+                f"{lineage.key} was computed with {str(lineage.weights_sha256)[:12]}...; its "
+                f"features would not be comparable.")
+        path = resolved.path
+    height, width = lineage.input_size
+    if height != width:
+        raise LineageMismatchError(f"Table {lineage.key} has a non-square input {height}x{width}.")
+    return EngineSettings(
+        backbone=spec.name, input_size=height, weights_path=path, seed=seed,
+        pools=(lineage.pool,), precision=lineage.library_versions.get("compute_dtype", "float32"),
+        batch_size=batch_size,
+        recipe=ViewRecipe(size=height, preprocessing=lineage.preprocessing,
+                          interpolation=spec.interpolation))
+
+
+def featurize_files(paths: Sequence[str | Path], lineage: Lineage, *,
+                    weights_path: str | None = None
+                    ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """Raw-view features of image files under ``lineage``'s recipe.
+
+    Returns ``(X, image_ids, errors)``: ``X`` is ``(n_ok, n_features)`` float32
+    in the order of the files that decoded, ``image_ids`` their SHA-256 ids,
+    and ``errors`` the ``(path, reason)`` of files that failed.
+    """
+    settings = engine_settings_for(lineage, weights_path=weights_path)
+    tasks = [ImageTask(image_id=_sha256(p), path=str(p), file=str(p), label="", split="",
+                       aug_ids=(0,)) for p in paths]
+    features, ids, errors = [], [], []
+    for result in run_engine(settings, tasks, workers=1):
+        if result.rows:
+            features.append(result.features[lineage.pool])
+            ids += [row.image_id for row in result.rows]
+        errors += [(path, reason) for path, _, reason in result.errors]
+    width = features[0].shape[1] if features else 0
+    X = np.concatenate(features) if features else np.empty((0, width), np.float32)
+    return X, ids, errors
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
