@@ -7,7 +7,7 @@ objectives and the recall-floor threshold, ``search`` the Optuna study.
 """
 
 from classifiers.registry import (HeadSpec, UnknownHeadError, create_head, get_head_spec,
-                                  list_heads, register_head)
+                                  heads_table, list_heads, register_head)
 
-__all__ = ["HeadSpec", "UnknownHeadError", "create_head", "get_head_spec", "list_heads",
-           "register_head"]
+__all__ = ["HeadSpec", "UnknownHeadError", "create_head", "get_head_spec", "heads_table",
+           "list_heads", "register_head"]
