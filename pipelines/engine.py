@@ -27,6 +27,7 @@ import dataclasses
 import glob
 import os
 import queue
+import time
 import traceback
 from typing import Iterable, Iterator
 
@@ -162,6 +163,7 @@ def _worker_main(index, settings, cores, task_q, result_q):
     """Entry point of a spawned worker: pin, build, then compute until told to stop."""
     os.environ.update(_thread_env(len(cores)))
     parent = os.getppid()
+    _exit_when_orphaned(parent)
     try:
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cores)
@@ -177,6 +179,23 @@ def _worker_main(index, settings, cores, task_q, result_q):
     except BaseException as err:  # report anything, then exit non-zero
         result_q.put(("error", index, (err, traceback.format_exc())))
         raise SystemExit(1) from None
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """Exit this worker within a poll interval of its parent's death (kill -9 included).
+
+    A check in the task loop is not enough: a worker can be blocked elsewhere
+    (building the model, or flushing results into a pipe nobody reads), and a
+    SystemExit raised in a decoding thread ends only that thread.
+    """
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 def _queued_tasks(task_q, parent: int) -> Iterator[ImageTask]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from click.testing import CliRunner
 
@@ -231,9 +232,13 @@ def test_resume_after_kill_9_equals_uninterrupted_run(dataset, reference, tmp_pa
     while len(parts()) < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
+    children = psutil.Process(proc.pid).children()
+    assert len(children) >= (workers if workers > 1 else 0)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(0.5 if workers == 1 else 2.5)  # orphaned workers notice and exit
+    # Orphaned workers notice within a poll interval and exit: no stray processes.
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"workers {[p.pid for p in alive]} outlived their killed parent"
     partial = sum(len(Store(store).open(lin)) for lin in Store(store).lineages())
     assert 0 < partial < 2 * reference[1].views_written
     resumed = run_extract(config(dataset, store, augment=2, augment_preset="strong"))
