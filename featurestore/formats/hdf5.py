@@ -27,7 +27,7 @@ from featurestore.rows import META_COLUMNS, Rows
 
 CONSOLIDATED = "features.h5"
 _ABSORBED_ATTR = "featurestore.absorbed_parts"
-_CHUNK_BYTES = 1 << 20  # ~1 MiB feature chunks: fast full reads, cheap row slices
+_CHUNK_BYTES = 4 << 20  # ~4 MiB feature chunks: full reads at memcpy speed, cheap batches
 
 
 def _open(path: Path) -> h5py.File:
