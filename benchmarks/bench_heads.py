@@ -1,0 +1,202 @@
+"""Benchmark the classifier heads at the container-scan training size.
+
+On a synthetic 20,800 x 1,024 float32 table with a learnable signal (a linear
+and an interaction term of a 16-dimensional latent, seen through ReLU
+features, like pooled CNN features), this measures:
+
+1. per head: seconds per trial (one 5-fold cross-validation of the head's
+   default parameters) with its out-of-fold balanced accuracy and ROC AUC, and
+   seconds of one fit on all rows;
+2. Keras memory from trial to trial (resident set size after each trial of a
+   resumed study);
+3. the whole search: every head, 20 trials each, 5 folds, with fold pruning,
+   against the 30-minute budget of issue #4;
+4. one epoch of end-to-end DenseNet121 training on 224 x 224 images of the
+   same count, extrapolated from a few timed training steps, and its ratio to
+   each head's fit.
+
+``--quick`` runs everything at a tenth of the rows, 3 trials per head, and
+2 DenseNet steps; use it to check the script, not for the numbers.
+
+    python benchmarks/bench_heads.py --quick
+    python benchmarks/bench_heads.py               # the full run (about an hour on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from classifiers import create_head, list_heads  # noqa: E402
+from classifiers.cv import grouped_folds  # noqa: E402
+from classifiers.metrics import make_objective, roc_auc  # noqa: E402
+from classifiers.search import run_search  # noqa: E402
+
+BUDGET_SECONDS = 30 * 60
+
+
+def make_table(n_rows: int, n_features: int, seed: int = 0):
+    """``X (n_rows, n_features)`` float32, binary labels, one group per row."""
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((n_rows, 16)).astype(np.float32)
+    mixing = rng.standard_normal((16, n_features)).astype(np.float32) / 4
+    X = np.maximum(latent @ mixing + rng.standard_normal((n_rows, n_features),
+                                                         dtype=np.float32), 0)
+    signal = latent[:, 0] + 0.8 * latent[:, 1] * latent[:, 2] + 0.5 * rng.standard_normal(n_rows)
+    y = np.where(signal > 0, "loaded", "empty")
+    return X, y, np.array([f"img{i:06d}" for i in range(n_rows)])
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_trials(heads, X, y, groups, folds, objective) -> dict:
+    """One default-params trial (a full CV) and one full fit per head."""
+    classes = np.unique(y)
+    y_enc = np.searchsorted(classes, y)
+    rows = {}
+    for head in heads:
+        started = time.perf_counter()
+        result = run_search(head, X, y, groups, folds, objective=objective, search=False,
+                            fixed_params={"n_jobs": 2})
+        trial = time.perf_counter() - started
+        started = time.perf_counter()
+        create_head(head, **result.params).fit(X, y, groups=groups)
+        fit = time.perf_counter() - started
+        pred = np.argmax(result.oof, axis=1)
+        bal = float(np.mean([np.mean(pred[y_enc == k] == k) for k in range(len(classes))]))
+        rows[head] = {"sec_per_trial": trial, "sec_per_fit": fit, "balanced_accuracy": bal,
+                      "roc_auc": roc_auc(y_enc, result.oof)}
+        print(f"  {head:12s} trial {trial:8.1f} s   fit {fit:7.1f} s   "
+              f"OOF balanced acc {bal:.3f}   AUC {rows[head]['roc_auc']:.3f}", flush=True)
+    return rows
+
+
+def bench_keras_memory(X, y, groups, folds, objective, n_trials: int) -> list[float]:
+    """RSS (MB) of this process after each Keras trial; the study is resumed one trial at a time."""
+    import optuna
+
+    storage = optuna.storages.InMemoryStorage()
+    sizes = []
+    for n in range(1, n_trials + 1):
+        run_search("keras_dense", X, y, groups, folds, objective=objective, n_trials=n,
+                   storage=storage, study_name="memory", fixed_params={"max_epochs": 5})
+        sizes.append(rss_mb())
+    return sizes
+
+
+def bench_search(heads, X, y, groups, folds, objective, n_trials: int) -> dict:
+    """Wall time of the whole search (every head, ``n_trials`` each) and per head."""
+    import optuna
+
+    storage = optuna.storages.InMemoryStorage()
+    out = {}
+    for head in heads:
+        started = time.perf_counter()
+        result = run_search(head, X, y, groups, folds, objective=objective, n_trials=n_trials,
+                            storage=storage, study_name=head, fixed_params={"n_jobs": 2})
+        out[head] = {"seconds": time.perf_counter() - started, "best": result.value,
+                     "complete": result.n_complete, "pruned": result.n_pruned,
+                     "failed": result.n_failed}
+        print(f"  {head:12s} {out[head]['seconds']:8.1f} s   best {result.value:.3f}   "
+              f"{result.n_complete} complete, {result.n_pruned} pruned, "
+              f"{result.n_failed} failed", flush=True)
+    return out
+
+
+def bench_densenet(n_images: int, steps: int, batch: int) -> dict:
+    """Seconds per training step of DenseNet121 at 224 x 224, extrapolated to one epoch."""
+    import keras
+
+    model = keras.applications.DenseNet121(weights=None, input_shape=(224, 224, 3), classes=2)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    images = rng.random((batch, 224, 224, 3), dtype=np.float32)
+    labels = rng.integers(0, 2, batch)
+    model.train_on_batch(images, labels)  # builds and traces: not timed
+    started = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(images, labels)
+    per_step = (time.perf_counter() - started) / steps
+    epoch = per_step * int(np.ceil(n_images / batch))
+    print(f"  DenseNet121 224x224 batch {batch}: {per_step:.2f} s/step -> one epoch of "
+          f"{n_images} images ~ {epoch / 60:.1f} min", flush=True)
+    return {"sec_per_step": per_step, "batch": batch, "epoch_seconds": epoch}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tenth of the rows, 3 trials")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--features", type=int, default=1024)
+    parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--heads", default=",".join(list_heads()))
+    parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-densenet", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+    rows = args.rows or (2080 if args.quick else 20800)
+    trials = args.trials or (3 if args.quick else 20)
+    heads = args.heads.split(",")
+    print(f"Table {rows} x {args.features}, {args.folds} folds, {os.cpu_count()} cores",
+          flush=True)
+    X, y, groups = make_table(rows, args.features)
+    folds = grouped_folds(y, groups, np.ones(rows, bool), n_splits=args.folds)
+    objective = make_objective("balanced_accuracy", np.unique(y))
+    report = {"rows": rows, "features": args.features, "folds": args.folds}
+
+    print("\n1. One trial (default params, full CV) and one full fit per head:")
+    report["heads"] = bench_trials(heads, X, y, groups, folds, objective)
+
+    if "keras_dense" in heads and not args.skip_memory:
+        print("\n2. Keras memory after each trial (RSS, MB):")
+        report["keras_rss_mb"] = bench_keras_memory(X, y, groups, folds, objective, 4)
+        print("  " + ", ".join(f"{v:.0f}" for v in report["keras_rss_mb"]))
+
+    if not args.skip_search:
+        print(f"\n3. Whole search: {len(heads)} heads x {trials} trials x {args.folds} folds:")
+        started = time.perf_counter()
+        report["search"] = bench_search(heads, X, y, groups, folds, objective, trials)
+        total = time.perf_counter() - started
+        report["search_seconds"] = total
+        print(f"  total {total / 60:.1f} min (budget {BUDGET_SECONDS / 60:.0f} min at "
+              f"20,800 rows x 20 trials)")
+    projected = sum(20 * r["sec_per_trial"] for r in report["heads"].values())
+    report["projected_search_seconds_without_pruning"] = projected
+    print(f"  20 trials per head without pruning would take {projected / 60:.1f} min "
+          f"(sum of 20 x the per-trial times above)")
+
+    if args.skip_densenet:
+        return _write(report, args.json)
+    print("\n4. End-to-end DenseNet121 vs heads on stored features:")
+    report["densenet"] = bench_densenet(rows, steps=2 if args.quick else 4,
+                                        batch=8 if args.quick else 16)
+    epoch = report["densenet"]["epoch_seconds"]
+    for head, r in report["heads"].items():
+        print(f"  one DenseNet121 epoch / one {head} fit = {epoch / r['sec_per_fit']:8.0f} x")
+    return _write(report, args.json)
+
+
+def _write(report: dict, path: Path | None) -> dict:
+    if path:
+        path.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

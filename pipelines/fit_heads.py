@@ -1,0 +1,341 @@
+"""``featurestore fit-heads``: tune classifier heads on a feature table, fairly and leak-free.
+
+For each head: an Optuna search over grouped, stratified folds of the table's
+``train`` split (augmented views only ever train; scoring uses raw images),
+then the decision threshold from the out-of-fold predictions (recall floor),
+a refit of the best parameters on the whole ``train`` split, an evaluation on
+the held-out raw rows of ``test`` (or ``val``), and the model, its lineage and
+its out-of-fold probabilities saved in the store. The manifest's val/test rows
+are never seen by the search. A leaderboard row per (table, head, objective)
+lands in ``STORE/leaderboard.parquet``.
+
+Python users call :func:`run_fit_heads` with a :class:`FitHeadsConfig`; the
+Click command is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+
+from classifiers.cv import grouped_folds
+from classifiers.metrics import (OBJECTIVES, Objective, evaluation_report, make_objective,
+                                 recall_floor_threshold)
+from classifiers.registry import create_head, get_head_spec, list_heads
+from classifiers.search import SearchResult, run_search, study_name
+from featurestore import FeatureStoreError, Store, TableReader
+from featurestore._io import atomic_write
+from pipelines.leaderboard import format_leaderboard, update_leaderboard
+from pipelines.models import OOF_FILE, save_model
+
+SEARCHES = ("optuna", "none")
+OPTUNA_FILE = "optuna.sqlite"
+
+
+@dataclass
+class FitHeadsConfig:
+    store: Path
+    """Store folder holding the feature table."""
+    table: str
+    """Lineage query or key of the table, e.g. ``densenet121/max``."""
+    heads: Sequence[str] = ("logreg",)
+    """Registered head names (see ``classifiers.list_heads()``)."""
+    search: str = "optuna"
+    """``optuna`` to tune, ``none`` to cross-validate each head's defaults once."""
+    n_trials: int = 20
+    """Trials per head, counting those of an earlier, resumed run."""
+    timeout: float | None = None
+    """Seconds of searching per head in this run (None: no limit)."""
+    cv: int = 5
+    """Folds of the grouped, stratified cross-validation."""
+    metric: str | None = None
+    """Objective (see ``classifiers.metrics.OBJECTIVES``); default recall_floor when
+    ``min_recall`` is set, else balanced_accuracy."""
+    positive_class: str | None = None
+    """Label of the class whose recall matters (binary default: the second label)."""
+    min_recall: float | None = None
+    """Recall floor of the positive class; sets the decision threshold from OOF predictions."""
+    class_weight: str | dict | None = None
+    """``balanced``, ``none``, ``{label: weight}`` or a string ``0:3,1:1``."""
+    storage: str | None = None
+    """Optuna storage URL; default ``sqlite:///STORE/optuna.sqlite``."""
+    n_jobs: int | None = None
+    """Threads per fit for heads that take them (xgboost, knn); None: each library's
+    default (every core for XGBoost, one for the neighbour search)."""
+    seed: int = 0
+    """Seed of the folds, the TPE sampler and the heads."""
+    eval_split: str | None = None
+    """Held-out split to evaluate on: ``test``, ``val``; default test if it has rows, else val."""
+
+
+@dataclass
+class HeadResult:
+    """Outcome of one head."""
+
+    head: str
+    search: SearchResult
+    threshold: float | None
+    metrics: dict | None
+    """Held-out evaluation (``classifiers.metrics.evaluation_report``); None without rows."""
+    model_dir: Path
+    refit_seconds: float
+
+
+@dataclass
+class FitHeadsResult:
+    table_key: str
+    objective: Objective
+    eval_split: str | None
+    heads: dict[str, HeadResult] = field(default_factory=dict)
+    leaderboard: pd.DataFrame | None = None
+
+
+def parse_class_weight(value: str | dict | None) -> str | dict | None:
+    """``None``/``"none"`` -> None, ``"balanced"``, or ``"0:3,1:1"`` -> ``{"0": 3.0, "1": 1.0}``."""
+    if value is None or isinstance(value, dict):
+        return value
+    text = str(value).strip()
+    if text.lower() in ("", "none"):
+        return None
+    if text.lower() == "balanced":
+        return "balanced"
+    weights = {}
+    for part in text.split(","):
+        label, sep, weight = part.rpartition(":")
+        try:
+            number = float(weight)
+        except ValueError:
+            number = -1.0
+        if not sep or not label.strip() or number < 0:
+            raise FeatureStoreError(f"class_weight must be 'balanced', 'none' or "
+                                    f"label:weight pairs such as '0:3,1:1'; got {value!r}.")
+        weights[label.strip()] = number
+    return weights
+
+
+def _class_weight_for(value, classes) -> str | dict | None:
+    """Parsed class weights, checked against the table's labels before any trial runs."""
+    weights = parse_class_weight(value)
+    if isinstance(weights, dict):
+        unknown = sorted(set(map(str, weights)) - {str(c) for c in classes})
+        if unknown:
+            raise FeatureStoreError(f"class_weight names labels {unknown} that the train split "
+                                    f"lacks; labels: {', '.join(map(str, classes))}.")
+    return weights
+
+
+def _check_config(config: FitHeadsConfig) -> None:
+    for head in config.heads:
+        get_head_spec(head)  # raises with the list of known heads
+    if not config.heads:
+        raise FeatureStoreError(f"heads is empty; choose from {', '.join(list_heads())}.")
+    if config.search not in SEARCHES:
+        raise FeatureStoreError(
+            f"search must be one of {', '.join(SEARCHES)}; got {config.search!r}.")
+    if config.n_trials < 1:
+        raise FeatureStoreError(f"n_trials must be >= 1; got {config.n_trials}.")
+    if config.eval_split not in (None, "val", "test"):
+        raise FeatureStoreError(f"eval_split must be val or test; got {config.eval_split!r}.")
+
+
+def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -> FitHeadsResult:
+    """Search, threshold, refit, evaluate and save every head of ``config.heads``."""
+    _check_config(config)
+    store = Store(config.store, create=False)
+    with store.open(config.table) as reader:
+        X, y, ids, groups = reader.to_numpy(split="train")
+        if not len(y):
+            raise FeatureStoreError(f"Table {reader.key} has no train rows to tune on.")
+        eval_split, held_out = _held_out(reader, config.eval_split)
+        lineage = reader.lineage
+    classes = np.unique(y)
+    y_enc = np.searchsorted(classes, y)
+    objective = make_objective(config.metric, classes, positive_class=config.positive_class,
+                               min_recall=config.min_recall)
+    class_weight = _class_weight_for(config.class_weight, classes)
+    is_raw = ids["aug_id"] == 0
+    folds = grouped_folds(y_enc, groups, is_raw, n_splits=config.cv, seed=config.seed)
+    fold_of = np.full(len(y), -1)
+    for k, fold in enumerate(folds):
+        fold_of[fold.test] = k
+    fixed = {"class_weight": class_weight, "n_jobs": config.n_jobs,
+             "random_state": config.seed}
+    # Threads change speed, not results: they stay out of the study name.
+    study_fixed = {k: v for k, v in fixed.items() if k != "n_jobs"}
+    storage = config.storage or f"sqlite:///{(store.root / OPTUNA_FILE).resolve()}"
+    echo(f"Table {lineage.key}: {int(is_raw.sum())} raw + {int((~is_raw).sum())} augmented "
+         f"train rows, {X.shape[1]} features, classes {', '.join(map(str, classes))}; "
+         f"{config.cv}-fold grouped CV, objective {objective.label}.")
+    result = FitHeadsResult(lineage.key, objective, eval_split)
+    rows = []
+    for head in config.heads:
+        started = time.perf_counter()
+        search = run_search(
+            head, X, y, groups, folds, objective=objective,
+            n_trials=config.n_trials, timeout=config.timeout, seed=config.seed,
+            fixed_params=fixed, storage=storage, search=config.search == "optuna",
+            study_name=study_name(lineage.key, head, objective, cv=config.cv,
+                                  seed=config.seed, fixed_params=study_fixed))
+        head_result = _finish_head(store, lineage, head, search, objective, classes,
+                                   (X, y, groups, y_enc, ids, fold_of), held_out, config)
+        result.heads[head] = head_result
+        rows.append(_leaderboard_row(lineage, head_result, objective, eval_split, is_raw,
+                                     time.perf_counter() - started))
+        echo(_head_summary(head_result, objective))
+    result.leaderboard = update_leaderboard(store.root, rows)
+    return result
+
+
+def _held_out(reader: TableReader, wanted: str | None):
+    """``(split name, (X, y, ids) of its raw rows)``, or ``(None, None)`` when it is empty."""
+    for split in ([wanted] if wanted else ["test", "val"]):
+        X, y, ids, _ = reader.to_numpy(split=split, aug="raw")
+        if len(y):
+            return split, (X, y, ids)
+    return None, None
+
+
+def _finish_head(store, lineage, head, search: SearchResult, objective, classes, train,
+                 held_out, config) -> HeadResult:
+    """Threshold from OOF predictions, refit on all train rows, evaluate, save."""
+    X, y, groups, y_enc, ids, fold_of = train
+    raw = ids["aug_id"] == 0
+    threshold = None
+    if objective.min_recall is not None:
+        threshold = recall_floor_threshold(
+            y_enc[raw] == objective.positive, search.oof[raw, objective.positive],
+            objective.min_recall).threshold
+    started = time.perf_counter()
+    estimator = create_head(head, **search.params).fit(X, y, groups=groups)
+    refit_seconds = time.perf_counter() - started
+    metrics = None
+    if held_out is not None:
+        X_eval, y_eval, _ = held_out
+        unknown = sorted(set(y_eval) - set(classes))
+        if unknown:
+            raise FeatureStoreError(
+                f"The held-out split has labels {unknown} that the train split lacks.")
+        metrics = evaluation_report(np.searchsorted(classes, y_eval),
+                                    estimator.predict_proba(X_eval), classes,
+                                    threshold=threshold, positive=objective.positive)
+    positive = None if objective.positive is None else str(classes[objective.positive])
+    folder = save_model(store.root, estimator, head=head, lineage=lineage,
+                        params=search.params, threshold=threshold, positive_class=positive,
+                        meta={"objective": objective.label, "cv": config.cv,
+                              "seed": config.seed, "cv_score": search.value,
+                              "study_name": search.study_name, "metrics": metrics,
+                              "fitted_at": _now()})
+    _save_oof(folder / OOF_FILE, ids[raw], y[raw], fold_of[raw], search.oof[raw], classes)
+    if get_head_spec(head).uses_keras:
+        import keras
+
+        del estimator
+        keras.backend.clear_session()
+        gc.collect()
+    return HeadResult(head, search, threshold, metrics, folder, refit_seconds)
+
+
+def _save_oof(path: Path, ids, labels, fold, proba, classes) -> None:
+    """Out-of-fold probabilities of the raw train rows, for later label audits.
+
+    Columns: ``image_id``, ``label``, ``fold`` (the fold that scored the row)
+    and ``proba_<label>`` per class.
+    """
+    frame = pd.DataFrame({"image_id": ids["image_id"], "label": labels.astype(str),
+                          "fold": fold})
+    for k, label in enumerate(classes):
+        frame[f"proba_{label}"] = proba[:, k]
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _leaderboard_row(lineage, result: HeadResult, objective, eval_split, is_raw,
+                     seconds) -> dict:
+    metrics = result.metrics or {}
+    h, w = lineage.input_size
+    aug = (lineage.augmentation or {}).get("preset", "none")
+    times = result.search.trial_seconds
+    return {
+        "table_key": lineage.key, "head": result.head, "objective": objective.label,
+        "table": f"{lineage.backbone}/{lineage.pool}/{h}" + (f"+{aug}" if aug != "none" else ""),
+        "train_raw_rows": int(is_raw.sum()), "train_aug_rows": int((~is_raw).sum()),
+        "cv_score": result.search.value, "eval_split": eval_split,
+        "accuracy": metrics.get("accuracy"), "balanced_accuracy": metrics.get("balanced_accuracy"),
+        "roc_auc": metrics.get("roc_auc"), "f1_macro": metrics.get("f1_macro"),
+        "recall": metrics.get("recall"), "specificity": metrics.get("specificity"),
+        "threshold": result.threshold, "trials": result.search.n_complete,
+        "pruned": result.search.n_pruned, "failed": result.search.n_failed,
+        "sec_per_trial": float(np.mean(times)) if times else None,
+        "refit_sec": result.refit_seconds, "total_sec": seconds,
+        "params": str(result.search.params), "updated_at": _now(),
+    }
+
+
+def _head_summary(result: HeadResult, objective: Objective) -> str:
+    s = result.search
+    resumed = f"; {s.n_resumed} from earlier runs of study {s.study_name}" if s.n_resumed else ""
+    lines = [f"\n== {result.head}: cv {objective.label} {s.value:.4f} "
+             f"({s.n_complete} complete, {s.n_pruned} pruned, {s.n_failed} failed trials"
+             f"{resumed})", f"   params {s.params}"]
+    lines += [f"   failed: {reason}" for reason in sorted(set(s.fail_reasons))[:3]]
+    if result.threshold is not None:
+        lines.append(f"   threshold {result.threshold:.4f} (recall floor "
+                     f"{objective.min_recall:g} on out-of-fold predictions)")
+    if result.metrics:
+        m = result.metrics
+        lines.append(f"   held-out ROC AUC {m['roc_auc']:.4f}\n{m['report_text']}"
+                     f"   confusion matrix (rows true, columns predicted, {m['labels']}):")
+        lines += [f"   {row}" for row in m["confusion_matrix"]]
+    lines.append(f"   saved to {result.model_dir}")
+    return "\n".join(lines)
+
+
+@click.command("fit-heads")
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="Store folder.")
+@click.option("--table", required=True, help="Lineage query or key, e.g. densenet121/max.")
+@click.option("--heads", default="logreg", show_default=True,
+              help=f"Comma-separated heads: {', '.join(list_heads())}.")
+@click.option("--search", type=click.Choice(SEARCHES), default="optuna", show_default=True)
+@click.option("--n-trials", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Trials per head (a rerun resumes and counts earlier trials).")
+@click.option("--timeout", type=float, default=None, help="Seconds of search per head.")
+@click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--metric", type=click.Choice(OBJECTIVES), default=None,
+              help="Objective [default: recall_floor with --min-recall, else balanced_accuracy].")
+@click.option("--positive-class", default=None, help="Label whose recall matters.")
+@click.option("--min-recall", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Recall floor of the positive class; maximise specificity above it.")
+@click.option("--class-weight", default="none", show_default=True,
+              help="balanced, none, or label:weight pairs such as 0:3,1:1.")
+@click.option("--storage", default=None,
+              help="Optuna storage URL [default: sqlite:///STORE/optuna.sqlite].")
+@click.option("--n-jobs", type=click.IntRange(min=1), default=None,
+              help="Threads per fit (xgboost, knn) [default: the library's].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-split", type=click.Choice(["test", "val"]), default=None,
+              help="Held-out split [default: test if it has rows, else val].")
+def command(store, table, heads, search, n_trials, timeout, cv, metric, positive_class,
+            min_recall, class_weight, storage, n_jobs, seed, eval_split):
+    """Tune classifier heads on a feature table and compare them on a leaderboard."""
+    config = FitHeadsConfig(
+        store=store, table=table, heads=[h.strip() for h in heads.split(",") if h.strip()],
+        search=search, n_trials=n_trials, timeout=timeout, cv=cv, metric=metric,
+        positive_class=positive_class, min_recall=min_recall, class_weight=class_weight,
+        storage=storage, n_jobs=n_jobs, seed=seed, eval_split=eval_split)
+    try:
+        result = run_fit_heads(config, echo=click.echo)
+    except (FeatureStoreError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo("\nLeaderboard (" + str(Path(store) / "leaderboard.parquet") + "):")
+    click.echo(format_leaderboard(result.leaderboard))

@@ -1,0 +1,63 @@
+"""The leaderboard: one row per (table, head, objective, train views), across every fit-heads run.
+
+Kept as ``STORE/leaderboard.parquet`` so heads can be compared across tables
+(densenet121/max vs /avg, raw vs augmented tables). Each run replaces its own
+rows and keeps everyone else's; the file is rewritten atomically under a file
+lock, so parallel ``fit-heads`` processes never lose each other's rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from filelock import FileLock
+
+from featurestore._io import atomic_write
+
+LEADERBOARD_FILE = "leaderboard.parquet"
+#: Columns identifying a row; a new result replaces the row with the same values.
+KEY_COLUMNS = ("table_key", "head", "objective")
+#: Columns of the printed table, in order.
+SHOWN = ("table", "head", "objective", "cv_score", "eval_split", "accuracy",
+         "balanced_accuracy", "roc_auc", "f1_macro", "recall", "specificity", "threshold",
+         "trials", "sec_per_trial", "refit_sec")
+
+
+def leaderboard_path(store_root: str | Path) -> Path:
+    return Path(store_root) / LEADERBOARD_FILE
+
+
+def read_leaderboard(store_root: str | Path) -> pd.DataFrame:
+    """The whole leaderboard, best cross-validation score first (empty if none yet)."""
+    path = leaderboard_path(store_root)
+    if not path.exists():
+        return pd.DataFrame(columns=list(KEY_COLUMNS))
+    return pd.read_parquet(path)
+
+
+def update_leaderboard(store_root: str | Path, rows: list[dict]) -> pd.DataFrame:
+    """Insert or replace ``rows`` (dicts with at least :data:`KEY_COLUMNS`); returns the board."""
+    path = leaderboard_path(store_root)
+    with FileLock(str(path) + ".lock"):
+        board = read_leaderboard(store_root)
+        new = pd.DataFrame.from_records(rows)
+        if not board.empty:
+            keys = pd.MultiIndex.from_frame(new[list(KEY_COLUMNS)].astype(str))
+            old = pd.MultiIndex.from_frame(board[list(KEY_COLUMNS)].astype(str))
+            board = board[~old.isin(keys)]
+        board = new if board.empty else pd.concat([board, new], ignore_index=True)
+        board = board.sort_values(["objective", "cv_score"], ascending=[True, False],
+                                  ignore_index=True)
+        atomic_write(path, lambda tmp: board.to_parquet(tmp, index=False))
+    return board
+
+
+def format_leaderboard(board: pd.DataFrame) -> str:
+    """The leaderboard as a fixed-width text table (3 decimals)."""
+    if board.empty:
+        return "(leaderboard is empty)"
+    shown = board.assign(table=board["table"] if "table" in board else board["table_key"])
+    columns = [c for c in SHOWN if c in shown]
+    return shown[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}",
+                                    na_rep="-")
