@@ -73,9 +73,17 @@ class TableFormat:
         """Write ``rows`` as one complete part file at ``path`` (the caller makes it atomic)."""
         raise NotImplementedError
 
+    def open_segment(self, path: Path) -> Segment:
+        """One file of this format, opened for reading."""
+        raise NotImplementedError
+
     def read_part(self, path: Path) -> Rows:
         """All rows of one part file."""
-        raise NotImplementedError
+        seg = self.open_segment(path)
+        try:
+            return Rows(features=seg.read_features(), **seg.read_meta())
+        finally:
+            seg.close()
 
     def part_paths(self, directory: Path) -> list[Path]:
         """Committed part files in ``directory``, in sequence order."""

@@ -133,12 +133,8 @@ class HDF5Format(TableFormat):
             _create_datasets(f, rows.n_features, lineage)
             _append(f, rows)
 
-    def read_part(self, path: Path) -> Rows:
-        seg = HDF5Segment(path)
-        try:
-            return Rows(features=seg.read_features(), **seg.read_meta())
-        finally:
-            seg.close()
+    def open_segment(self, path: Path) -> Segment:
+        return HDF5Segment(path)
 
     def _absorbed(self, directory: Path) -> list[list[int]]:
         path = directory / CONSOLIDATED

@@ -107,12 +107,8 @@ class ParquetFormat(TableFormat):
                        row_group_size=_ROW_GROUP_ROWS, use_dictionary=["label", "split"],
                        data_page_version="2.0", data_page_size=_PAGE_BYTES)
 
-    def read_part(self, path: Path) -> Rows:
-        seg = ParquetSegment(path)
-        try:
-            return Rows(features=seg.read_features(), **seg.read_meta())
-        finally:
-            seg.close()
+    def open_segment(self, path: Path) -> Segment:
+        return ParquetSegment(path)
 
     def open_segments(self, directory: Path) -> list[Segment]:
         # Parquet parts are only ever deleted under the writer lock when they were
