@@ -2,8 +2,8 @@
 
 Writes scikit-learn's real digit scans as an image folder, scans it into a
 store, extracts DenseNet121 features (max and avg pooling from one pass),
-compares the two tables as a similarity hash (precision@k) and lists the
-tables. Nothing to configure; ImageNet weights come through Keras' own
+compares the two tables as a similarity hash (precision@k), tunes classifier
+heads on both tables and prints the leaderboard. Nothing to configure; ImageNet weights come through Keras' own
 download and cache, and where they cannot (offline, nothing cached) the demo
 says so and uses seeded random weights. Rerunning it resumes from what is
 already there.
@@ -21,6 +21,8 @@ from pipelines.backbones import get_spec
 from pipelines.demo_data import write_digits_dataset
 from pipelines.eval_search import EvalSearchConfig, comparison_table, run_eval_search
 from pipelines.extract import ExtractConfig, run_extract
+from pipelines.fit_heads import FitHeadsConfig, run_fit_heads
+from pipelines.leaderboard import format_leaderboard
 from pipelines.scan import ScanConfig, run_scan
 from pipelines.tables import TablesConfig, run_tables
 from pipelines.weights import WeightsError, resolve_weights
@@ -40,6 +42,10 @@ class DemoConfig:
     weights: str = "auto"
     """``imagenet``, ``none``, a weights file, or ``auto``: ImageNet when Keras can
     provide it, else seeded random weights."""
+    heads: tuple[str, ...] = ("logreg", "knn")
+    """Classifier heads tuned on each table."""
+    n_trials: int = 5
+    """Optuna trials per head and table."""
     progress: bool = True
     """Show progress bars."""
 
@@ -72,10 +78,19 @@ def run_demo(config: DemoConfig, echo=print) -> dict:
     echo("\nNearest neighbours sharing the query's class (precision@10, 256 queries):")
     echo(comparison_table(search).to_string(float_format=lambda v: f"{v:.3f}"))
 
+    heads = None
+    for key in extract.tables.values():
+        heads = run_fit_heads(FitHeadsConfig(store=config.store, table=key,
+                                             heads=config.heads, n_trials=config.n_trials),
+                              echo=echo)
+    echo("\nLeaderboard (held-out split):")
+    echo(format_leaderboard(heads.leaderboard))
+
     tables = run_tables(TablesConfig(store=config.store))
     echo("\nFeature tables:")
     echo(tables.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-    return {"scan": scan, "extract": extract, "eval_search": search, "tables": tables}
+    return {"scan": scan, "extract": extract, "eval_search": search, "fit_heads": heads,
+            "tables": tables}
 
 
 def _demo_weights(config: DemoConfig, echo) -> str:

@@ -57,6 +57,10 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert (first["tables"]["rows"] == 1797).all()
     overall = first["eval_search"].query("label == 'all'")["precision"]
     assert (overall > 0.5).all()  # real digits cluster even under random weights
+    board = first["fit_heads"].leaderboard
+    assert len(board) == 4  # two heads on each of the two tables
+    assert sorted(board["head"]) == ["knn", "knn", "logreg", "logreg"]
+    assert (board["balanced_accuracy"] > 0.5).all()  # ten classes: chance is 0.1
     again = run_demo(config, echo=lines.append)
     assert again["scan"].added == 0 and again["scan"].unchanged == 1797
     assert again["extract"].views_written == 0 and again["extract"].views_skipped == 1797
