@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 
 from classifiers.cv import grouped_folds
-from classifiers.metrics import (OBJECTIVES, Objective, evaluation_report, make_objective,
-                                 recall_floor_threshold)
+from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_report,
+                                 make_objective, recall_floor_threshold)
 from classifiers.registry import create_head, get_head_spec, list_heads
 from classifiers.search import SearchResult, run_search, study_name
 from featurestore import FeatureStoreError, Store, TableReader
 from featurestore._io import atomic_write
 from pipelines.leaderboard import format_leaderboard, update_leaderboard
-from pipelines.models import OOF_FILE, save_model
+from pipelines.models import HELDOUT_FILE, OOF_FILE, save_model
 
 SEARCHES = ("optuna", "none")
 OPTUNA_FILE = "optuna.sqlite"
@@ -216,15 +216,15 @@ def _finish_head(store, lineage, head, search: SearchResult, objective, classes,
     started = time.perf_counter()
     estimator = create_head(head, **search.params).fit(X, y, groups=groups)
     refit_seconds = time.perf_counter() - started
-    metrics = None
+    metrics = held_proba = None
     if held_out is not None:
         X_eval, y_eval, _ = held_out
         unknown = sorted(set(y_eval) - set(classes))
         if unknown:
             raise FeatureStoreError(
                 f"The held-out split has labels {unknown} that the train split lacks.")
-        metrics = evaluation_report(np.searchsorted(classes, y_eval),
-                                    estimator.predict_proba(X_eval), classes,
+        held_proba = estimator.predict_proba(X_eval)
+        metrics = evaluation_report(np.searchsorted(classes, y_eval), held_proba, classes,
                                     threshold=threshold, positive=objective.positive)
     positive = None if objective.positive is None else str(classes[objective.positive])
     folder = save_model(store.root, estimator, head=head, lineage=lineage,
@@ -234,6 +234,11 @@ def _finish_head(store, lineage, head, search: SearchResult, objective, classes,
                               "study_name": search.study_name, "metrics": metrics,
                               "fitted_at": _now()})
     _save_oof(folder / OOF_FILE, ids[raw], y[raw], fold_of[raw], search.oof[raw], classes)
+    if held_proba is not None:
+        _save_held_out(folder / HELDOUT_FILE, held_out, held_proba, classes,
+                       decide(held_proba, threshold, objective.positive))
+    elif (folder / HELDOUT_FILE).exists():
+        (folder / HELDOUT_FILE).unlink()  # from an earlier fit: not this model's predictions
     if get_head_spec(head).uses_keras:
         import keras
 
@@ -251,6 +256,20 @@ def _save_oof(path: Path, ids, labels, fold, proba, classes) -> None:
     """
     frame = pd.DataFrame({"image_id": ids["image_id"], "label": labels.astype(str),
                           "fold": fold})
+    for k, label in enumerate(classes):
+        frame[f"proba_{label}"] = proba[:, k]
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def _save_held_out(path: Path, held_out, proba, classes, predicted) -> None:
+    """The refitted head's predictions on the held-out raw rows, as ``predict`` would make them.
+
+    Columns: ``image_id``, ``label`` (given), ``predicted`` (decided with the
+    saved threshold) and ``proba_<label>`` per class.
+    """
+    _, labels, ids = held_out
+    frame = pd.DataFrame({"image_id": ids["image_id"], "label": labels.astype(str),
+                          "predicted": np.asarray(classes)[predicted].astype(str)})
     for k, label in enumerate(classes):
         frame[f"proba_{label}"] = proba[:, k]
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))

@@ -1,4 +1,4 @@
-"""The leaderboard: one row per (table, head, objective, train views), across every fit-heads run.
+"""The leaderboard: one row per (table, head, objective, view), across every fit-heads run.
 
 Kept as ``STORE/leaderboard.parquet`` so heads can be compared across tables
 (densenet121/max vs /avg, raw vs augmented tables). Each run replaces its own
@@ -17,9 +17,10 @@ from featurestore._io import atomic_write
 
 LEADERBOARD_FILE = "leaderboard.parquet"
 #: Columns identifying a row; a new result replaces the row with the same values.
-KEY_COLUMNS = ("table_key", "head", "objective")
+#: ``view`` is "" for heads trained on the whole table, else the cleaned view's name.
+KEY_COLUMNS = ("table_key", "head", "objective", "view")
 #: Columns of the printed table, in order.
-SHOWN = ("table", "head", "objective", "cv_score", "eval_split", "accuracy",
+SHOWN = ("table", "head", "view", "objective", "cv_score", "eval_split", "accuracy",
          "balanced_accuracy", "roc_auc", "f1_macro", "recall", "specificity", "threshold",
          "trials", "sec_per_trial", "refit_sec")
 
@@ -33,7 +34,13 @@ def read_leaderboard(store_root: str | Path) -> pd.DataFrame:
     path = leaderboard_path(store_root)
     if not path.exists():
         return pd.DataFrame(columns=list(KEY_COLUMNS))
-    return pd.read_parquet(path)
+    return _with_view(pd.read_parquet(path))
+
+
+def _with_view(board: pd.DataFrame) -> pd.DataFrame:
+    # Boards written before views existed have no view column: every row was the whole table.
+    view = board["view"] if "view" in board else pd.Series("", index=board.index)
+    return board.assign(view=view.fillna("").astype(str))
 
 
 def update_leaderboard(store_root: str | Path, rows: list[dict]) -> pd.DataFrame:
@@ -41,7 +48,7 @@ def update_leaderboard(store_root: str | Path, rows: list[dict]) -> pd.DataFrame
     path = leaderboard_path(store_root)
     with FileLock(str(path) + ".lock"):
         board = read_leaderboard(store_root)
-        new = pd.DataFrame.from_records(rows)
+        new = _with_view(pd.DataFrame.from_records(rows))
         if not board.empty:
             keys = pd.MultiIndex.from_frame(new[list(KEY_COLUMNS)].astype(str))
             old = pd.MultiIndex.from_frame(board[list(KEY_COLUMNS)].astype(str))

@@ -2,13 +2,20 @@
 
 ::
 
-    STORE/models/<table_key>/<head>/
+    STORE/models/<table_key>/<head>[@<view>]/
       model.json        lineage, table key, head, params, threshold, metrics,
                         library versions, SHA-256 of every file (written last)
       model.ubj         XGBoost booster (UBJSON), or
       model.keras       Keras model, or
       model.joblib      other scikit-learn heads (a pickle: its SHA-256 is checked before loading)
       oof.parquet       out-of-fold probabilities of the tuning split (written by fit-heads)
+      heldout.parquet   the refitted head's predictions on the held-out split (fit-heads)
+
+A head fitted on a cleaned view of the table (``fit-heads --view NAME``) lives
+beside the one fitted on the whole table, in ``<head>@<view>``. A model's
+*name* is ``<table>/<head>[@<view>]``, where ``<table>`` is a key or any
+lineage query (``densenet121/max/logreg``); :func:`resolve_model_name` also
+accepts a bare ``<head>[@<view>]`` when exactly one table has such a model.
 
 Native formats are used where the library has one, so loading an XGBoost or
 Keras head never unpickles anything. ``model.json`` is written last and
@@ -39,12 +46,66 @@ from classifiers.registry import create_head
 MODELS_DIR = "models"
 MODEL_JSON = "model.json"
 OOF_FILE = "oof.parquet"
+HELDOUT_FILE = "heldout.parquet"
 _NATIVE_FILES = {"ubj": "model.ubj", "keras": "model.keras"}
 _PICKLE_FILE = "model.joblib"
 
 
-def model_dir(store_root: str | Path, table_key: str, head: str) -> Path:
-    return Path(store_root) / MODELS_DIR / table_key / head
+def model_dir(store_root: str | Path, table_key: str, head: str,
+              view: str | None = None) -> Path:
+    """Folder of head ``head`` fitted on table ``table_key`` (on view ``view`` if given)."""
+    return Path(store_root) / MODELS_DIR / table_key / (f"{head}@{view}" if view else head)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where one saved model lives; ``name`` is what ``--model`` accepts."""
+
+    table_key: str
+    head: str
+    view: str | None
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.table_key}/{self.head}" + (f"@{self.view}" if self.view else "")
+
+
+def list_models(store_root: str | Path) -> list[ModelRef]:
+    """Every saved model of the store (folders holding a ``model.json``), sorted by name."""
+    refs = []
+    for meta in sorted((Path(store_root) / MODELS_DIR).glob(f"*/*/{MODEL_JSON}")):
+        head, _, view = meta.parent.name.partition("@")
+        refs.append(ModelRef(meta.parent.parent.name, head, view or None, meta.parent))
+    return refs
+
+
+def resolve_model_name(store: str | Path | Store, name: str) -> ModelRef:
+    """The saved model called ``name``: ``<table>/<head>[@<view>]`` or a unique ``<head>[@<view>]``.
+
+    ``<table>`` is a table key or a lineage query (``densenet121/max``), so
+    ``densenet121/max/logreg`` names the logreg head of the max-pooled table.
+    """
+    store = store if isinstance(store, Store) else Store(store, create=False)
+    refs = list_models(store.root)
+    table, _, leaf = name.rpartition("/")
+    head, _, view = leaf.partition("@")
+    view = view or None
+    candidates = [r for r in refs if r.head == head and r.view == view]
+    if table:
+        try:
+            key = store.resolve(table).key
+        except FeatureStoreError:
+            key = table
+        candidates = [r for r in candidates if r.table_key == key]
+    if len(candidates) == 1:
+        return candidates[0]
+    known = ", ".join(r.name for r in refs) or "none"
+    if not candidates:
+        raise FeatureStoreError(f"No model named {name!r} in {store.root}. Models: {known}.")
+    raise FeatureStoreError(f"Model name {name!r} is ambiguous in {store.root}: "
+                            f"{', '.join(r.name for r in candidates)}. Add the table, e.g. "
+                            f"{candidates[0].name}.")
 
 
 def library_versions() -> dict[str, str]:
@@ -119,9 +180,9 @@ class SavedModel:
 
 def save_model(store_root: str | Path, estimator, *, head: str, lineage: Lineage,
                params: dict, threshold: float | None, positive_class: str | None,
-               meta: dict | None = None) -> Path:
+               meta: dict | None = None, view: str | None = None) -> Path:
     """Write a fitted head and its ``model.json``; returns the model folder."""
-    folder = model_dir(store_root, lineage.key, head)
+    folder = model_dir(store_root, lineage.key, head, view)
     folder.mkdir(parents=True, exist_ok=True)
     fmt = getattr(estimator, "native_format", None)
     if fmt == "ubj":
@@ -138,7 +199,7 @@ def save_model(store_root: str | Path, estimator, *, head: str, lineage: Lineage
             (folder / stale).unlink()
     record = {
         **(meta or {}),
-        "head": head, "table_key": lineage.key, "lineage": lineage.to_dict(),
+        "head": head, "view": view, "table_key": lineage.key, "lineage": lineage.to_dict(),
         "params": params, "threshold": threshold, "positive_class": positive_class,
         "format": fmt or "joblib", "model_file": name,
         "fitted_state": estimator.fitted_state() if fmt else None,
@@ -158,24 +219,26 @@ def _json_default(value):
 
 
 def load_model(store: str | Path | Store, table_key: str, head: str, *,
-               table=None) -> SavedModel:
+               table=None, view: str | None = None) -> SavedModel:
     """Load the head ``head`` fitted on table ``table_key`` (a key or a lineage query).
+
+    ``view`` picks the head fitted on that cleaned view of the table.
 
     ``table`` (a TableReader or Lineage), when given, must have the model's
     lineage or :class:`~featurestore.LineageMismatchError` is raised. Every
     file's SHA-256 is checked against ``model.json`` before it is read.
     """
     store = store if isinstance(store, Store) else Store(store, create=False)
-    folder = model_dir(store.root, table_key, head)
+    folder = model_dir(store.root, table_key, head, view)
     if not (folder / MODEL_JSON).exists():
         # Not a key with a model: maybe a lineage query such as "densenet121/max".
         with contextlib.suppress(FeatureStoreError):
-            folder = model_dir(store.root, store.resolve(table_key).key, head)
+            folder = model_dir(store.root, store.resolve(table_key).key, head, view)
     if not (folder / MODEL_JSON).exists():
-        known = sorted(p.parent.relative_to(store.root / MODELS_DIR).as_posix()
-                       for p in (store.root / MODELS_DIR).glob(f"*/*/{MODEL_JSON}"))
-        raise FeatureStoreError(f"No model for head {head!r} on table {table_key!r} in "
-                                f"{store.root}. Models: {', '.join(known) or 'none'}.")
+        known = ", ".join(ref.name for ref in list_models(store.root)) or "none"
+        on_view = f" (view {view!r})" if view else ""
+        raise FeatureStoreError(f"No model for head {head!r}{on_view} on table {table_key!r} "
+                                f"in {store.root}. Models: {known}.")
     try:
         meta = json.loads((folder / MODEL_JSON).read_text())
     except (OSError, ValueError) as err:
