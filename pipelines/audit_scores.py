@@ -1,0 +1,82 @@
+"""Out-of-sample probabilities of fitted heads, averaged into one ensemble for the audit.
+
+Training images are scored by ``oof.parquet`` (out-of-fold: each image was
+predicted by a model that never saw it); held-out images by ``heldout.parquet``
+(the refitted head, which never saw them either). Both files have columns
+``image_id``, ``label`` and ``proba_<label>`` per class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from featurestore import FeatureStoreError, Store
+from pipelines.models import HELDOUT_FILE, OOF_FILE, list_models, model_dir
+
+PROBA_PREFIX = "proba_"
+
+
+@dataclass
+class Scores:
+    """The ensemble's view of the audited images, ``n_rows`` of them."""
+
+    image_id: np.ndarray
+    """(n_rows,) image ids, sorted."""
+    labels: np.ndarray
+    """(n_rows,) int index of each given label into ``classes``."""
+    proba: np.ndarray
+    """(n_rows, n_classes) mean probability of the heads."""
+    classes: list[str]
+    heads: list[str]
+    """Heads averaged (``<head>[@<view>]``)."""
+
+
+def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
+                split: str = "train") -> Scores:
+    """Average the heads' probabilities of ``split`` images, aligned by image id."""
+    file = OOF_FILE if split == "train" else HELDOUT_FILE
+    available = [r for r in list_models(store.root)
+                 if r.table_key == table_key and (r.path / file).exists()]
+    names = [r.head + (f"@{r.view}" if r.view else "") for r in available]
+    if heads is None:
+        heads = [r.head for r in available if r.view is None]
+    if not heads:
+        raise FeatureStoreError(f"No fitted heads with {file} on table {table_key}; run "
+                                f"`featurestore fit-heads --table {table_key}` first. Heads "
+                                f"available: {', '.join(names) or 'none'}.")
+    frames = []
+    for name in heads:
+        head, _, view = name.partition("@")
+        path = model_dir(store.root, table_key, head, view or None) / file
+        if name not in names or not path.exists():
+            raise FeatureStoreError(f"No {file} for head {name!r} on table {table_key}. "
+                                    f"Heads available: {', '.join(names) or 'none'}.")
+        frames.append((name, pd.read_parquet(path).sort_values("image_id", ignore_index=True)))
+    return _ensemble(frames, split)
+
+
+def _ensemble(frames: list[tuple[str, pd.DataFrame]], split: str) -> Scores:
+    first_name, first = frames[0]
+    columns = sorted(c for c in first if c.startswith(PROBA_PREFIX))
+    for name, frame in frames[1:]:
+        same_rows = frame["image_id"].equals(first["image_id"])
+        if not same_rows or not frame["label"].astype(str).equals(first["label"].astype(str)):
+            raise FeatureStoreError(
+                f"Heads {first_name!r} and {name!r} scored different {split} images or "
+                f"labels (fitted at different times or on different views); refit them "
+                f"together, or audit with one of them (--heads).")
+        if sorted(c for c in frame if c.startswith(PROBA_PREFIX)) != columns:
+            raise FeatureStoreError(f"Heads {first_name!r} and {name!r} have different classes.")
+    proba = np.mean([f[columns].to_numpy(dtype=np.float64) for _, f in frames], axis=0)
+    classes = [c[len(PROBA_PREFIX):] for c in columns]
+    labels = first["label"].astype(str).to_numpy()
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise FeatureStoreError(f"Labels {unknown} have no probability column in the heads' "
+                                f"{split} predictions.")
+    return Scores(first["image_id"].astype(str).to_numpy(), np.searchsorted(classes, labels),
+                  proba, classes, [n for n, _ in frames])
