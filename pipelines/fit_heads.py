@@ -31,8 +31,9 @@ from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_repor
                                  make_objective, recall_floor_threshold)
 from classifiers.registry import create_head, get_head_spec, list_heads
 from classifiers.search import SearchResult, run_search, study_name
-from featurestore import FeatureStoreError, Store, TableReader
+from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
 from featurestore._io import atomic_write
+from featurestore.views import View, ViewStore, apply_view
 from pipelines.leaderboard import format_leaderboard, update_leaderboard
 from pipelines.models import HELDOUT_FILE, OOF_FILE, save_model
 
@@ -74,6 +75,10 @@ class FitHeadsConfig:
     """Seed of the folds, the TPE sampler and the heads."""
     eval_split: str | None = None
     """Held-out split to evaluate on: ``test``, ``val``; default test if it has rows, else val."""
+    view: str | None = None
+    """Cleaned view to train on (``featurestore audit-labels``): its drops and relabels
+    apply to the train split; the held-out split changes only if the view says it
+    covers held-out images."""
 
 
 @dataclass
@@ -150,11 +155,12 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
     """Search, threshold, refit, evaluate and save every head of ``config.heads``."""
     _check_config(config)
     store = Store(config.store, create=False)
+    view = ViewStore(store.root).get(config.view) if config.view else None
     with store.open(config.table) as reader:
-        X, y, ids, groups = reader.to_numpy(split="train")
+        X, y, ids, groups = _on_view(reader.to_numpy(split="train"), view, "train", echo)
         if not len(y):
             raise FeatureStoreError(f"Table {reader.key} has no train rows to tune on.")
-        eval_split, held_out = _held_out(reader, config.eval_split)
+        eval_split, held_out = _held_out(reader, config.eval_split, view, echo)
         lineage = reader.lineage
     classes = np.unique(y)
     y_enc = np.searchsorted(classes, y)
@@ -170,6 +176,8 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
              "random_state": config.seed}
     # Threads change speed, not results: they stay out of the study name.
     study_fixed = {k: v for k, v in fixed.items() if k != "n_jobs"}
+    if view is not None:  # a changed view gets a new study, never a stale one's trials
+        study_fixed.update(view=view.name, view_digest=view.digest)
     storage = config.storage or f"sqlite:///{(store.root / OPTUNA_FILE).resolve()}"
     echo(f"Table {lineage.key}: {int(is_raw.sum())} raw + {int((~is_raw).sum())} augmented "
          f"train rows, {X.shape[1]} features, classes {', '.join(map(str, classes))}; "
@@ -185,26 +193,35 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
             study_name=study_name(lineage.key, head, objective, cv=config.cv,
                                   seed=config.seed, fixed_params=study_fixed))
         head_result = _finish_head(store, lineage, head, search, objective, classes,
-                                   (X, y, groups, y_enc, ids, fold_of), held_out, config)
+                                   (X, y, groups, y_enc, ids, fold_of), held_out, config, view)
         result.heads[head] = head_result
         rows.append(_leaderboard_row(lineage, head_result, objective, eval_split, is_raw,
-                                     time.perf_counter() - started))
+                                     time.perf_counter() - started, config.view))
         echo(_head_summary(head_result, objective))
     result.leaderboard = update_leaderboard(store.root, rows)
     return result
 
 
-def _held_out(reader: TableReader, wanted: str | None):
+def _on_view(arrays: FeatureArrays, view: View | None, split: str, echo) -> FeatureArrays:
+    """``arrays`` through ``view``: train always; held-out splits only if the view covers them."""
+    if view is None or (split != "train" and not view.covers_heldout):
+        return arrays
+    arrays, effect = apply_view(arrays, view)
+    echo(f"View {view.name!r} (revision {view.revision}) on {split}: {effect.describe()}.")
+    return arrays
+
+
+def _held_out(reader: TableReader, wanted: str | None, view: View | None = None, echo=print):
     """``(split name, (X, y, ids) of its raw rows)``, or ``(None, None)`` when it is empty."""
     for split in ([wanted] if wanted else ["test", "val"]):
-        X, y, ids, _ = reader.to_numpy(split=split, aug="raw")
+        X, y, ids, _ = _on_view(reader.to_numpy(split=split, aug="raw"), view, split, echo)
         if len(y):
             return split, (X, y, ids)
     return None, None
 
 
 def _finish_head(store, lineage, head, search: SearchResult, objective, classes, train,
-                 held_out, config) -> HeadResult:
+                 held_out, config, view: View | None = None) -> HeadResult:
     """Threshold from OOF predictions, refit on all train rows, evaluate, save."""
     X, y, groups, y_enc, ids, fold_of = train
     raw = ids["aug_id"] == 0
@@ -232,7 +249,8 @@ def _finish_head(store, lineage, head, search: SearchResult, objective, classes,
                         meta={"objective": objective.label, "cv": config.cv,
                               "seed": config.seed, "cv_score": search.value,
                               "study_name": search.study_name, "metrics": metrics,
-                              "fitted_at": _now()})
+                              "fitted_at": _now(), "view_info": _view_info(view)},
+                        view=config.view)
     _save_oof(folder / OOF_FILE, ids[raw], y[raw], fold_of[raw], search.oof[raw], classes)
     if held_proba is not None:
         _save_held_out(folder / HELDOUT_FILE, held_out, held_proba, classes,
@@ -246,6 +264,13 @@ def _finish_head(store, lineage, head, search: SearchResult, objective, classes,
         keras.backend.clear_session()
         gc.collect()
     return HeadResult(head, search, threshold, metrics, folder, refit_seconds)
+
+
+def _view_info(view: View | None) -> dict | None:
+    if view is None:
+        return None
+    return {"name": view.name, "revision": view.revision, "digest": view.digest,
+            "covers_heldout": view.covers_heldout, **view.counts()}
 
 
 def _save_oof(path: Path, ids, labels, fold, proba, classes) -> None:
@@ -280,13 +305,14 @@ def _now() -> str:
 
 
 def _leaderboard_row(lineage, result: HeadResult, objective, eval_split, is_raw,
-                     seconds) -> dict:
+                     seconds, view: str | None = None) -> dict:
     metrics = result.metrics or {}
     h, w = lineage.input_size
     aug = (lineage.augmentation or {}).get("preset", "none")
     times = result.search.trial_seconds
     return {
         "table_key": lineage.key, "head": result.head, "objective": objective.label,
+        "view": view or "",
         "table": f"{lineage.backbone}/{lineage.pool}/{h}" + (f"+{aug}" if aug != "none" else ""),
         "train_raw_rows": int(is_raw.sum()), "train_aug_rows": int((~is_raw).sum()),
         "cv_score": result.search.value, "eval_split": eval_split,
@@ -344,14 +370,16 @@ def _head_summary(result: HeadResult, objective: Objective) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-split", type=click.Choice(["test", "val"]), default=None,
               help="Held-out split [default: test if it has rows, else val].")
+@click.option("--view", default=None,
+              help="Train on this cleaned view (featurestore audit-labels --list-views).")
 def command(store, table, heads, search, n_trials, timeout, cv, metric, positive_class,
-            min_recall, class_weight, storage, n_jobs, seed, eval_split):
+            min_recall, class_weight, storage, n_jobs, seed, eval_split, view):
     """Tune classifier heads on a feature table and compare them on a leaderboard."""
     config = FitHeadsConfig(
         store=store, table=table, heads=[h.strip() for h in heads.split(",") if h.strip()],
         search=search, n_trials=n_trials, timeout=timeout, cv=cv, metric=metric,
         positive_class=positive_class, min_recall=min_recall, class_weight=class_weight,
-        storage=storage, n_jobs=n_jobs, seed=seed, eval_split=eval_split)
+        storage=storage, n_jobs=n_jobs, seed=seed, eval_split=eval_split, view=view)
     try:
         result = run_fit_heads(config, echo=click.echo)
     except (FeatureStoreError, ValueError) as err:
