@@ -1,7 +1,7 @@
 """Features of new image files, computed with exactly a table's recipe.
 
 Used where an image outside the store must be compared with, or scored
-against, stored features (``featurestore search`` today; ``predict`` later):
+against, stored features (``featurestore search`` and ``featurestore predict``):
 the backbone, weights, input size, preprocessing and pooling all come from the
 table's :class:`~featurestore.Lineage`, and the weights file's SHA-256 must
 match the lineage's, so a query is never embedded in another space.
@@ -9,13 +9,14 @@ match the lineage's, so a query is never embedded in another space.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featurestore import Lineage, LineageMismatchError
+from featurestore.scan import hash_file
 from pipelines.backbones import get_spec
 from pipelines.engine import EngineSettings, run_engine
 from pipelines.loader import ImageTask, ViewRecipe
@@ -57,6 +58,38 @@ def engine_settings_for(lineage: Lineage, *, weights_path: str | None = None,
                           interpolation=spec.interpolation))
 
 
+@dataclass
+class FeatureBatch:
+    """Raw-view features of one engine batch, in the order of its files that decoded."""
+
+    X: np.ndarray
+    """``(n_ok, n_features)`` float32."""
+    image_ids: list[str]
+    paths: list[str]
+    errors: list[tuple[str, str, str]]
+    """``(path, image_id, reason)`` of files that failed since the previous batch."""
+
+
+def iter_feature_batches(files: Iterable[tuple[str | Path, str]], lineage: Lineage,
+                         settings: EngineSettings, *, workers: int = 1,
+                         on_ready: Callable[[], None] | None = None) -> Iterator[FeatureBatch]:
+    """Features of ``(path, image_id)`` pairs, one :class:`FeatureBatch` per engine batch.
+
+    ``settings`` come from :func:`engine_settings_for` (so the weights were
+    checked before this is called); ``workers > 1`` runs pinned worker
+    processes (see :func:`pipelines.engine.run_engine`).
+    """
+    tasks = (ImageTask(image_id=image_id, path=str(path), file=str(path), label="", split="",
+                       aug_ids=(0,)) for path, image_id in files)
+    for result in run_engine(settings, tasks, workers=workers, on_ready=on_ready):
+        if result.rows:
+            X = result.features[lineage.pool]
+        else:
+            X = np.empty((0, 0), np.float32)
+        yield FeatureBatch(X, [row.image_id for row in result.rows],
+                           [row.path for row in result.rows], list(result.errors))
+
+
 def featurize_files(paths: Sequence[str | Path], lineage: Lineage, *,
                     weights_path: str | None = None
                     ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
@@ -67,22 +100,13 @@ def featurize_files(paths: Sequence[str | Path], lineage: Lineage, *,
     and ``errors`` the ``(path, reason)`` of files that failed.
     """
     settings = engine_settings_for(lineage, weights_path=weights_path)
-    tasks = [ImageTask(image_id=_sha256(p), path=str(p), file=str(p), label="", split="",
-                       aug_ids=(0,)) for p in paths]
+    files = [(p, hash_file(p)) for p in paths]
     features, ids, errors = [], [], []
-    for result in run_engine(settings, tasks, workers=1):
-        if result.rows:
-            features.append(result.features[lineage.pool])
-            ids += [row.image_id for row in result.rows]
-        errors += [(path, reason) for path, _, reason in result.errors]
+    for batch in iter_feature_batches(files, lineage, settings):
+        if batch.image_ids:
+            features.append(batch.X)
+            ids += batch.image_ids
+        errors += [(path, reason) for path, _, reason in batch.errors]
     width = features[0].shape[1] if features else 0
     X = np.concatenate(features) if features else np.empty((0, width), np.float32)
     return X, ids, errors
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
