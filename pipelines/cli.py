@@ -16,10 +16,10 @@ def main():
 def _register():
     # One module per command; each exposes a click command named ``command``.
     from pipelines import (audit_labels, demo, eval_search, extract, fit_heads, index,
-                           near_duplicates, report, scan, search, tables)
+                           near_duplicates, predict, report, scan, search, tables)
 
     for module in (demo, scan, extract, fit_heads, audit_labels, tables, index, search,
-                   eval_search, near_duplicates, report):
+                   eval_search, near_duplicates, predict, report):
         main.add_command(module.command)
 
 
