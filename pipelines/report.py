@@ -139,10 +139,10 @@ def _build(store: Store, config: ReportConfig, out: Path, echo) -> dict:
     context["search"] = _search_section(store)
     clock.lap("leaderboard")
     echo(f"Report on {store.root}: {len(tables)} tables, {len(models)} models.")
-    locator = _locator(store, models)
     studies = StudyReader(default_storage(store, config.storage))
-    context["models"] = [model_section(m, out, studies, locator, config.gallery_size)
-                         for m in models]
+    with _locator(store, models) as locator:
+        context["models"] = [model_section(m, out, studies, locator, config.gallery_size)
+                             for m in models]
     clock.lap("models")
     context["maps"] = _map_sections(store, config, models, out, clock)
     context["seconds"] = dict(clock.seconds)

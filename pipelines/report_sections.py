@@ -198,6 +198,8 @@ class StudyReader:
                 study = optuna.load_study(study_name=name, storage=self._open())
             except KeyError:
                 return {"note": f"Study {name} is not in storage {self.url}."}
+            except Exception as err:  # a broken storage costs this figure, not the report
+                return {"note": f"Cannot read study {name} from {self.url}: {err}"}
             trials = study.get_trials(deepcopy=False,
                                       states=(optuna.trial.TrialState.COMPLETE,))
             if not trials:
