@@ -22,8 +22,8 @@ from featurestore import Store
 from pipelines import report_figures as figures
 from pipelines.fit_heads import OPTUNA_FILE
 from pipelines.html import thumbnail
-from pipelines.report_compare import (COMPARISON_COLUMNS, COMPARISONS, comparison_groups,
-                                      comparison_rows)
+from pipelines.report_compare import (COMPARISON_COLUMNS, COMPARISONS, augmentation_name,
+                                      comparison_groups, comparison_rows)
 from pipelines.report_data import (FOLD_METRICS, PROBA_PREFIX, DatasetFacts, ImageLocator,
                                    ModelFacts, misclassified)
 
@@ -58,8 +58,9 @@ def _cell(value):
 def dataset_section(facts: DatasetFacts, tables: list, out_dir: Path) -> dict:
     """Counts per split and class, rejected files, duplicates/leakage, extraction failures."""
     section: dict = {"note": facts.note, "tables": Grid(
-        ["table", "rows", "dimension", "formats", "size MB"],
-        [[t.key, t.rows, t.dimension, ", ".join(t.formats), t.size_bytes / 1e6] for t in tables])}
+        ["table", "recipe", "rows", "dimension", "formats", "size MB"],
+        [[t.key, _recipe(t.lineage), t.rows, t.dimension, ", ".join(t.formats),
+          t.size_bytes / 1e6] for t in tables])}
     if facts.counts is not None and facts.counts.size:
         counts = facts.counts.copy()
         counts["total"] = counts.sum(axis=1)
@@ -72,6 +73,13 @@ def dataset_section(facts: DatasetFacts, tables: list, out_dir: Path) -> dict:
                          "by": Grid.of(frame.groupby(by).size().rename("files")
                                        .reset_index()) if len(frame) else None}
     return section
+
+
+def _recipe(lineage) -> str:
+    """``backbone/pool/size`` plus the augmentation, as the leaderboard names tables."""
+    aug = augmentation_name(lineage)
+    return f"{lineage.backbone}/{lineage.pool}/{lineage.input_size[0]}" + \
+        ("" if aug == "raw" else f"+{aug}") + f" ({lineage.weights})"
 
 
 def leaderboard_grid(board: pd.DataFrame) -> Grid | None:

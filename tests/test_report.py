@@ -107,9 +107,14 @@ def store(tmp_path_factory):
     quiet = lambda s: None  # noqa: E731
     run_fit_heads(FitHeadsConfig(store=root, table=tables["max"].key, heads=["logreg", "knn"],
                                  n_trials=3, cv=3), echo=quiet)
-    for name in ("avg", "aug"):
-        run_fit_heads(FitHeadsConfig(store=root, table=tables[name].key,
-                                     heads=["logreg", "knn"], search="none", cv=3), echo=quiet)
+    run_fit_heads(FitHeadsConfig(store=root, table=tables["aug"].key, heads=["logreg", "knn"],
+                                 search="none", cv=3), echo=quiet)
+    run_fit_heads(FitHeadsConfig(store=root, table=tables["avg"].key, heads=["logreg"],
+                                 search="none", cv=3), echo=quiet)
+    # A recall-floor head: its threshold is the operating point marked on its curves.
+    run_fit_heads(FitHeadsConfig(store=root, table=tables["avg"].key, heads=["knn"],
+                                 search="none", cv=3, positive_class="d8", min_recall=0.9),
+                  echo=quiet)
     clean_view(root, tables["max"])
     run_eval_search(EvalSearchConfig(store=root, ks=(5,), queries=(32,)))
     with ErrorLog(root, [tables["max"].key]) as log:
@@ -174,6 +179,18 @@ def test_report_has_every_section_and_valid_figures(report, store):
     assert figures == expected
     summary = json.loads((out / "report.json").read_text())
     assert len(summary["models"]) == 7 and "maps: tsne" in summary["seconds"]
+
+
+def test_models_show_their_decision_rule(report, store):
+    out, _ = report
+    _, tables = store
+    html = (out / "index.html").read_text()
+    threshold = json.loads((model_dir(store[0], tables["avg"].key, "knn") / "model.json")
+                           .read_text())["threshold"]
+    knn = html[html.index(f'id="model-{tables["avg"].key}_knn"'):]
+    assert f"decision: threshold {threshold:.3f} on P(d8)" in knn[:knn.index("</article>")]
+    logreg = html[html.index(f'id="model-{tables["max"].key}_logreg"'):]
+    assert "decision: argmax" in logreg[:logreg.index("</article>")]
 
 
 def test_dataset_section_lists_rejected_leaked_and_failed_files(report):
