@@ -22,6 +22,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -127,6 +128,8 @@ def main(argv=None) -> dict:
         result = {"images": n_images, "features": args.features,
                   "pca": time_report(store, workdir / "report-pca", "pca"),
                   "tsne": time_report(store, workdir / "report-tsne", "tsne")}
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  peak RSS of this process (setup included): {result['peak_rss_mb']:.0f} MB")
     without = result["tsne"]["total"] - result["tsne"]["parts"].get("maps: tsne", 0.0)
     print(f"  with t-SNE, minus t-SNE itself: {without:.1f} s; target < {TARGET_SECONDS} s "
           f"on 2 cores without t-SNE")
