@@ -13,7 +13,8 @@ The output folder opens from disk without a server::
     OUT/index.html  OUT/figures/*.png  OUT/thumbs/*.jpg  OUT/report.json
 
 It is built in a hidden sibling folder and swapped into place at the end, so a
-half-built report is never mistaken for a finished one.
+half-built report is never mistaken for a finished one; the next run removes
+what a killed build left behind.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def run_report(config: ReportConfig, echo: Callable[[str], None] = print) -> Pat
     """Build the report and return the path of its ``index.html``."""
     store, out = _check_config(config)
     building = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
+    _remove_stale(out)
     building.mkdir(parents=True)
     try:
         summary = _build(store, config, building, echo)
@@ -101,6 +102,26 @@ def run_report(config: ReportConfig, echo: Callable[[str], None] = print) -> Pat
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items())
     echo(f"Report: {out / 'index.html'} ({timings})")
     return out / "index.html"
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete build folders left by killed runs (their process is gone) and our own."""
+    for folder in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = folder.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("building", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier run that had our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _swap(building: Path, out: Path) -> None:

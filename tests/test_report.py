@@ -272,7 +272,10 @@ def test_a_rebuilt_report_replaces_the_old_one_and_foreign_folders_are_refused(s
                                                                                tmp_path):
     root, _ = store
     out = tmp_path / "report"
+    stale = tmp_path / ".report.building-999999999"  # left by a killed build (no such pid)
+    (stale / "figures").mkdir(parents=True)
     build(root, out, map="pca")
+    assert not stale.exists()
     assert any((out / "thumbs").iterdir())
     build(root, out, map="pca", gallery_size=0)
     assert not (out / "thumbs").exists()  # nothing of the first build is left
