@@ -156,24 +156,17 @@ def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditConfig,
                                below=config.below, above=config.above)
     classes = np.asarray(scores.classes)
     path_of = dict(zip(images["image_id"], images["path"]))
-    order = issues.order
-    ranking = pd.DataFrame({
-        "rank": np.arange(1, len(order) + 1), "image_id": scores.image_id[order],
-        "path": [path_of.get(i, "") for i in scores.image_id[order]],
-        "given_label": classes[scores.labels[order]],
-        "suggested_label": classes[issues.suggested[order]],
-        "score": issues.score[order], "decision": "", "new_label": "", "reason": "",
-        "flagged": issues.flagged[order]})
+    ranking = _ranking(scores, issues, path_of)
     suspects = ranking[ranking["flagged"]].head(config.top)[list(SUSPECT_COLUMNS)]
     run_dir = _new_run_dir(store, key, config)
     atomic_write(run_dir / "suspects.parquet", lambda t: suspects.to_parquet(t, index=False))
     atomic_write(run_dir / "suspects.csv", lambda t: suspects.to_csv(t, index=False))
     context = {"table_key": key, "split": config.split, "method": config.method,
                "heads": scores.heads, "n_flagged": int(issues.flagged.sum()),
-               "n_rows": len(order)}
+               "n_rows": len(ranking)}
     atomic_write_text(run_dir / "run.json", json.dumps(
         {**context, "config": asdict(config), "created_at": _now()}, indent=2, default=str))
-    echo(f"Audit of {key} ({config.split}, {len(order)} images, heads "
+    echo(f"Audit of {key} ({config.split}, {len(ranking)} images, heads "
          f"{', '.join(scores.heads)}): {context['n_flagged']} flagged by {config.method}, "
          f"{len(suspects)} written to {run_dir / 'suspects.csv'}")
     if config.neighbours > 0 and len(suspects):
@@ -187,12 +180,29 @@ def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditConfig,
     return AuditResult(key, config.method, scores.heads, ranking, suspects, run_dir)
 
 
+def _ranking(scores, issues, path_of: dict) -> pd.DataFrame:
+    """Every audited image, flagged first and worst first, with empty review columns."""
+    classes, order = np.asarray(scores.classes), issues.order
+    return pd.DataFrame({
+        "rank": np.arange(1, len(order) + 1), "image_id": scores.image_id[order],
+        "path": [path_of.get(i, "") for i in scores.image_id[order]],
+        "given_label": classes[scores.labels[order]],
+        "suggested_label": classes[issues.suggested[order]],
+        "score": issues.score[order], "decision": "", "new_label": "", "reason": "",
+        "flagged": issues.flagged[order]})
+
+
 def _features(store: Store, key: str, image_id: np.ndarray) -> np.ndarray:
     """Raw features of ``image_id`` rows, in that order."""
     with store.open(key) as reader:
         ids = reader.column("image_id")
         raw = np.flatnonzero(reader.column("aug_id") == 0)
         position = pd.Series(raw, index=ids[raw])
+        missing = ~pd.Index(image_id).isin(position.index)
+        if missing.any():
+            raise FeatureStoreError(
+                f"{int(missing.sum())} images scored by the heads are not in table {key} "
+                f"(e.g. {image_id[missing][0]}); refit the heads on the table as it is now.")
         rows = position.loc[image_id].to_numpy()
         order = np.argsort(rows)
         X = np.empty((len(rows), reader.dimension), dtype=np.float32)
