@@ -237,6 +237,13 @@ def test_heldout_images_change_only_in_a_view_that_says_so(store, tmp_path):
                          **QUIET)
     with pytest.raises(FeatureStoreError, match="include_heldout"):
         run_audit_labels(AuditConfig(store=root, table="digits/max", split="test"), **QUIET)
+    # Even a view that names a held-out image (written through the storage API) leaves
+    # the held-out split alone unless it says it covers it.
+    ViewStore(root).create("quiet", pd.DataFrame({"image_id": [test_id], "action": ["drop"]}),
+                           author="a", source={})
+    held = pd.read_parquet(fit(root, view="quiet", heads=["logreg"]).heads["logreg"].model_dir
+                           / "heldout.parquet")
+    assert test_id in set(held["image_id"]) and len(held) == (meta.split == "test").sum()
     # The test labels are clean: flag every image (below=1) to have something to drop.
     audit = run_audit_labels(AuditConfig(store=root, table="digits/max", split="test",
                                          include_heldout=True, neighbours=0, top=3,
