@@ -9,6 +9,12 @@ its out-of-fold probabilities saved in the store. The manifest's val/test rows
 are never seen by the search. A leaderboard row per (table, head, objective)
 lands in ``STORE/leaderboard.parquet``.
 
+``view`` (``--view NAME``) trains on a cleaned view from ``audit-labels``: its
+dropped images (with their augmented rows) leave the train split and its
+relabels apply there; the held-out split changes only when the view was made
+from an explicit held-out audit. Models go to ``<head>@<view>``, leaderboard
+rows carry ``view``, and each view revision gets its own Optuna study.
+
 Python users call :func:`run_fit_heads` with a :class:`FitHeadsConfig`; the
 Click command is a thin layer over it.
 """
