@@ -3,3 +3,10 @@
 Each stage is a ``<Verb>Config`` dataclass plus a ``run_<verb>(config)`` function
 that Python users call directly; the CLI is a thin layer over them.
 """
+
+import os as _os
+
+# TensorFlow's C++ start-up chatter (oneDNN and CPU-feature notices) on every
+# backbone build drowns the stages' own output; errors still show, and a user
+# who sets the variable keeps their value.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

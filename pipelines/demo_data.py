@@ -35,6 +35,23 @@ def write_digits_dataset(dest: str | os.PathLike, *, size: int = 32) -> Path:
     return dest
 
 
+def write_new_scans(dest: str | os.PathLike, *, size: int = 32, count: int = 24) -> list[Path]:
+    """Write ``count`` digits, 10% dimmer, as ``dest/new-<index>-digit<d>.png``: scans the
+    store has never seen (new bytes), for ``featurestore predict``. Returns their paths."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    step = max(1, len(pixels) // count)
+    paths = []
+    for index in range(0, step * count, step):
+        path = Path(dest) / f"new-{index:04d}-digit{digits.target[index]}.png"
+        dimmer = np.rint(pixels[index] * 0.9).astype(np.uint8)
+        _write_if_changed(path, _png_bytes(dimmer, size))
+        paths.append(path)
+    return paths
+
+
 def _png_bytes(image: np.ndarray, size: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC).save(buffer, format="PNG")

@@ -61,6 +61,17 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert len(board) == 4  # two heads on each of the two tables
     assert sorted(board["head"]) == ["knn", "knn", "logreg", "logreg"]
     assert (board["balanced_accuracy"] > 0.5).all()  # ten classes: chance is 0.1
+    # The audit dropped its top suspects into a view and logreg was refitted on it.
+    cleaned = first["fit_heads_view"].leaderboard
+    assert len(cleaned) == 5 and list(cleaned.loc[cleaned["view"] != "", "view"]) == ["demo-clean"]
+    # New scans were extracted and scored; their file names hold the true digit.
+    scored = first["predict"].frame
+    assert len(scored) == 24 and (scored["source"] == "extracted").all()
+    truth = scored["path"].astype(str).str.extract(r"digit(\d)\.png$")[0]
+    assert (scored["predicted"].astype(str) == truth).mean() > 0.5
+    report = first["report"].read_text()
+    assert first["report"].name == "index.html" and "demo-clean" in report  # before vs after
     again = run_demo(config, echo=lines.append)
     assert again["scan"].added == 0 and again["scan"].unchanged == 1797
     assert again["extract"].views_written == 0 and again["extract"].views_skipped == 1797
+    assert (again["predict"].frame["source"] == "cache").all()  # never extracted twice
