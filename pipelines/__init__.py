@@ -6,7 +6,7 @@ that Python users call directly; the CLI is a thin layer over them.
 
 import os as _os
 
-# TensorFlow's C++ start-up chatter (oneDNN and CPU-feature notices) on every
-# backbone build drowns the stages' own output; errors still show, and a user
-# who sets the variable keeps their value.
+# Fewer TensorFlow C++ notices on every backbone build (the CPU-feature one;
+# TF 2.21 prints its oneDNN notice before it reads this variable). Errors still
+# show, and a user who sets the variable keeps their value.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

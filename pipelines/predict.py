@@ -129,8 +129,8 @@ class PredictResult:
         per_label = scored["predicted"].value_counts()
         lines = [f"Scored {len(scored)} of {len(self.frame)} files with {self.model} in "
                  f"{self.seconds:.1f} s; predictions written to {self.out}."]
-        lines.append("  predicted: " + (", ".join(
-            f"{label} {int(per_label.get(label, 0))}" for label in self.classes)))
+        lines.append("  images per predicted label: " + (", ".join(
+            f"{label}: {int(per_label.get(label, 0))}" for label in self.classes)))
         lines.append("  features from: " + ", ".join(
             f"{name} {count}" for name, count in self.source_counts().items()))
         if self.skipped:
