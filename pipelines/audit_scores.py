@@ -15,9 +15,8 @@ import numpy as np
 import pandas as pd
 
 from featurestore import FeatureStoreError, Store
-from pipelines.models import HELDOUT_FILE, OOF_FILE, list_models, model_dir
+from pipelines.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, list_models, model_dir
 
-PROBA_PREFIX = "proba_"
 
 
 @dataclass

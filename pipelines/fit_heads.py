@@ -41,7 +41,7 @@ from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
 from featurestore._io import atomic_write
 from featurestore.views import View, ViewStore, apply_view
 from pipelines.leaderboard import format_leaderboard, update_leaderboard
-from pipelines.models import HELDOUT_FILE, OOF_FILE, save_model
+from pipelines.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, save_model
 
 SEARCHES = ("optuna", "none")
 OPTUNA_FILE = "optuna.sqlite"
@@ -285,11 +285,7 @@ def _save_oof(path: Path, ids, labels, fold, proba, classes) -> None:
     Columns: ``image_id``, ``label``, ``fold`` (the fold that scored the row)
     and ``proba_<label>`` per class.
     """
-    frame = pd.DataFrame({"image_id": ids["image_id"], "label": labels.astype(str),
-                          "fold": fold})
-    for k, label in enumerate(classes):
-        frame[f"proba_{label}"] = proba[:, k]
-    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    _save_predictions(path, ids, labels, {"fold": fold}, proba, classes)
 
 
 def _save_held_out(path: Path, held_out, proba, classes, predicted) -> None:
@@ -299,10 +295,14 @@ def _save_held_out(path: Path, held_out, proba, classes, predicted) -> None:
     saved threshold) and ``proba_<label>`` per class.
     """
     _, labels, ids = held_out
-    frame = pd.DataFrame({"image_id": ids["image_id"], "label": labels.astype(str),
-                          "predicted": np.asarray(classes)[predicted].astype(str)})
+    _save_predictions(path, ids, labels,
+                      {"predicted": np.asarray(classes)[predicted].astype(str)}, proba, classes)
+
+
+def _save_predictions(path: Path, ids, labels, extra: dict, proba, classes) -> None:
+    frame = pd.DataFrame({"image_id": ids["image_id"], "label": labels.astype(str), **extra})
     for k, label in enumerate(classes):
-        frame[f"proba_{label}"] = proba[:, k]
+        frame[f"{PROBA_PREFIX}{label}"] = proba[:, k]
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 

@@ -27,7 +27,6 @@ model whose files changed since they were written, and
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import platform
 import sys
@@ -40,6 +39,7 @@ import numpy as np
 
 from featurestore import FeatureStoreError, Lineage, LineageMismatchError, Store
 from featurestore._io import atomic_write, atomic_write_text
+from featurestore.scan import hash_file
 from classifiers.metrics import decide
 from classifiers.registry import create_head
 
@@ -47,6 +47,8 @@ MODELS_DIR = "models"
 MODEL_JSON = "model.json"
 OOF_FILE = "oof.parquet"
 HELDOUT_FILE = "heldout.parquet"
+#: Prefix of the per-class probability columns of oof.parquet, heldout.parquet and predict's output.
+PROBA_PREFIX = "proba_"
 _NATIVE_FILES = {"ubj": "model.ubj", "keras": "model.keras"}
 _PICKLE_FILE = "model.joblib"
 
@@ -125,14 +127,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class SavedModel:
     """A fitted head with the facts needed to use it safely."""
@@ -203,7 +197,7 @@ def save_model(store_root: str | Path, estimator, *, head: str, lineage: Lineage
         "params": params, "threshold": threshold, "positive_class": positive_class,
         "format": fmt or "joblib", "model_file": name,
         "fitted_state": estimator.fitted_state() if fmt else None,
-        "files": {name: sha256_file(folder / name)},
+        "files": {name: hash_file(folder / name)},
         "library_versions": library_versions(),
     }
     atomic_write_text(folder / MODEL_JSON, json.dumps(record, indent=2, default=_json_default))
@@ -255,7 +249,7 @@ def load_model(store: str | Path | Store, table_key: str, head: str, *,
 def _verify_files(folder: Path, meta: dict) -> None:
     for name, expected in meta.get("files", {}).items():
         path = folder / name
-        found = sha256_file(path) if path.exists() else "missing"
+        found = hash_file(path) if path.exists() else "missing"
         if found != expected:
             raise FeatureStoreError(
                 f"{path} does not match the SHA-256 recorded in {MODEL_JSON} (expected "

@@ -50,7 +50,8 @@ from featurestore.scan import hash_file, inspect_image
 from featurestore.tablefiles import LINEAGE_FILE
 from pipelines.engine import default_workers
 from pipelines.extract import EXIT_BAD_INPUT, EXIT_FILE_ERRORS, EXIT_OK
-from pipelines.models import ModelRef, SavedModel, load_model, resolve_model_name
+from pipelines.models import (PROBA_PREFIX, ModelRef, SavedModel, load_model,
+                             resolve_model_name)
 
 #: Folder of the predict cache inside the store: a nested store of feature tables.
 CACHE_DIR = "cache"
@@ -367,7 +368,7 @@ def _frame(files, image_ids, errors: dict[str, str], scores, model: SavedModel) 
     frame = pd.DataFrame({"path": [str(p) for p in files], "image_id": image_ids,
                           "source": source})
     for k, label in enumerate(classes):
-        frame[f"proba_{label}"] = proba[:, k]
+        frame[f"{PROBA_PREFIX}{label}"] = proba[:, k]
     frame["predicted"] = predicted.astype(str)
     frame["error"] = error
     return frame

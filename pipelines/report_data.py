@@ -21,11 +21,11 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from classifiers.metrics import decide, roc_auc
 from featurestore import FeatureStoreError, Lineage, Store
 from pipelines.extract_errors import read_errors
-from pipelines.models import HELDOUT_FILE, MODEL_JSON, OOF_FILE, ModelRef, list_models
+from pipelines.models import (HELDOUT_FILE, MODEL_JSON, OOF_FILE, PROBA_PREFIX, ModelRef,
+                             list_models)
 
 #: Metrics computed per cross-validation fold from ``oof.parquet`` (mean ± std in the report).
 FOLD_METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
-PROBA_PREFIX = "proba_"
 
 
 @dataclass
