@@ -33,16 +33,16 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featurestore import Lineage, Store  # noqa: E402
-from pipelines.audit_labels import AuditConfig, run_audit_labels  # noqa: E402
-from pipelines.fit_heads import FitHeadsConfig, run_fit_heads  # noqa: E402
+from pipelines.audit.run import AuditLabelsConfig, run_audit_labels  # noqa: E402
+from pipelines.heads.fit import FitHeadsConfig, run_fit_heads  # noqa: E402
 
 QUIET = {"echo": lambda s: None}
 
 
 def densenet_table(workdir: Path, weights: str):
     """Digits through scan + extract; ``(X, labels, splits, image ids, lineage)``."""
-    from pipelines.demo_data import write_digits_dataset
-    from pipelines.extract import ExtractConfig, run_extract
+    from pipelines.demo.data import write_digits_dataset
+    from pipelines.extract.run import ExtractConfig, run_extract
     from pipelines.scan import ScanConfig, run_scan
 
     dataset, store = workdir / "digits", workdir / "extracted"
@@ -100,7 +100,7 @@ def accuracy(root: Path, key: str, heads, trials: int, view=None) -> dict:
 
 def audit_figures(root: Path, key: str, flipped: set, n_train: int, method: str):
     k = len(flipped)
-    audit = run_audit_labels(AuditConfig(store=root, table=key, method=method, neighbours=0,
+    audit = run_audit_labels(AuditLabelsConfig(store=root, table=key, method=method, neighbours=0,
                                          run=f"bench-{method}"), **QUIET)
     top = audit.suspects.head(k)
     hits = int(top["image_id"].isin(flipped).sum())
@@ -132,7 +132,7 @@ def run(args) -> None:
         row = {"flip_rate": rate, "flips": len(chosen)}
         for accept_as in ("drop", "relabel"):
             name = f"top{len(chosen)}-{accept_as}"
-            run_audit_labels(AuditConfig(store=root, table=lineage.key, neighbours=0,
+            run_audit_labels(AuditLabelsConfig(store=root, table=lineage.key, neighbours=0,
                                          view=name, accept_top=len(chosen),
                                          accept_as=accept_as, run=f"bench-{name}"), **QUIET)
             after = accuracy(root, lineage.key, args.heads, args.trials, view=name)

@@ -97,7 +97,7 @@ def case_keras_baseline(folder: str, pool: str, size: int = 224) -> dict:
 
 
 def case_extract(folder: str, store: str, **overrides) -> dict:
-    from pipelines.extract import ExtractConfig, run_extract
+    from pipelines.extract.run import ExtractConfig, run_extract
 
     start = time.perf_counter()
     result = run_extract(ExtractConfig(dataset=folder, store=store, weights="none",

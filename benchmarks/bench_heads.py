@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from classifiers import create_head, list_heads  # noqa: E402
 from classifiers.cv import grouped_folds  # noqa: E402
 from classifiers.metrics import make_objective, roc_auc  # noqa: E402
-from classifiers.search import run_search  # noqa: E402
+from classifiers.tuning import tune_head  # noqa: E402
 
 BUDGET_SECONDS = 30 * 60
 
@@ -70,7 +70,7 @@ def bench_trials(heads, X, y, groups, folds, objective) -> dict:
     rows = {}
     for head in heads:
         started = time.perf_counter()
-        result = run_search(head, X, y, groups, folds, objective=objective, search=False,
+        result = tune_head(head, X, y, groups, folds, objective=objective, search=False,
                             fixed_params={"n_jobs": 2})
         trial = time.perf_counter() - started
         started = time.perf_counter()
@@ -92,7 +92,7 @@ def bench_keras_memory(X, y, groups, folds, objective, n_trials: int) -> list[fl
     storage = optuna.storages.InMemoryStorage()
     sizes = []
     for n in range(1, n_trials + 1):
-        run_search("keras_dense", X, y, groups, folds, objective=objective, n_trials=n,
+        tune_head("keras_dense", X, y, groups, folds, objective=objective, n_trials=n,
                    storage=storage, study_name="memory", fixed_params={"max_epochs": 5})
         sizes.append(rss_mb())
     return sizes
@@ -106,7 +106,7 @@ def bench_search(heads, X, y, groups, folds, objective, n_trials: int) -> dict:
     out = {}
     for head in heads:
         started = time.perf_counter()
-        result = run_search(head, X, y, groups, folds, objective=objective, n_trials=n_trials,
+        result = tune_head(head, X, y, groups, folds, objective=objective, n_trials=n_trials,
                             storage=storage, study_name=head, fixed_params={"n_jobs": 2})
         out[head] = {"seconds": time.perf_counter() - started, "best": result.value,
                      "complete": result.n_complete, "pruned": result.n_pruned,

@@ -34,8 +34,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featurestore import Lineage, Store  # noqa: E402
-from pipelines.fit_heads import FitHeadsConfig, run_fit_heads  # noqa: E402
-from pipelines.report import ReportConfig, run_report  # noqa: E402
+from pipelines.heads.fit import FitHeadsConfig, run_fit_heads  # noqa: E402
+from pipelines.report.run import ReportConfig, run_report  # noqa: E402
 from pipelines.scan import ScanConfig, run_scan  # noqa: E402
 
 TARGET_SECONDS = 60

@@ -15,8 +15,15 @@ def main():
 
 def _register():
     # One module per command; each exposes a click command named ``command``.
-    from pipelines import (audit_labels, demo, eval_search, extract, fit_heads, index,
-                           near_duplicates, predict, report, scan, search, tables)
+    from pipelines import scan, tables
+    from pipelines.audit import run as audit_labels
+    from pipelines.demo import run as demo
+    from pipelines.extract import run as extract
+    from pipelines.heads import fit as fit_heads
+    from pipelines.heads import predict
+    from pipelines.report import run as report
+    from pipelines.similar import evaluate as eval_search
+    from pipelines.similar import index, near_duplicates, search
 
     for module in (demo, scan, extract, fit_heads, audit_labels, tables, index, search,
                    eval_search, near_duplicates, predict, report):

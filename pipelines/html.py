@@ -6,7 +6,9 @@ Pages are self-contained folders that open from disk in any browser::
     OUT/figures/*.png   matplotlib figures
     OUT/thumbs/*.jpg    image thumbnails, named by image id
 
-Templates live in ``pipelines/templates`` and extend ``base.html``.
+Shared templates (``base.html``) live in ``pipelines/templates``; a stage keeps its
+own page in its folder (``pipelines/report/templates/report.html``) and names its
+package when it renders.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import ChoiceLoader, Environment, PackageLoader, select_autoescape
 from PIL import Image, ImageOps
 
 from featurestore._io import atomic_write_text
@@ -23,25 +25,26 @@ from featurestore._io import atomic_write_text
 THUMBS_DIR = "thumbs"
 FIGURES_DIR = "figures"
 
-_env: Environment | None = None
+_envs: dict[str, Environment] = {}
 
 
-def environment() -> Environment:
-    """The Jinja2 environment of the package's templates (HTML autoescaped)."""
-    global _env
-    if _env is None:
-        _env = Environment(loader=PackageLoader("pipelines", "templates"),
-                           autoescape=select_autoescape(["html"]), trim_blocks=True,
-                           lstrip_blocks=True)
-        _env.filters["fmt"] = _fmt
-    return _env
+def environment(package: str) -> Environment:
+    """The Jinja2 environment of ``package``'s templates over the shared ones (HTML autoescaped)."""
+    if package not in _envs:
+        loader = ChoiceLoader([PackageLoader(package, "templates"),
+                               PackageLoader("pipelines", "templates")])
+        env = Environment(loader=loader, autoescape=select_autoescape(["html"]),
+                          trim_blocks=True, lstrip_blocks=True)
+        env.filters["fmt"] = _fmt
+        _envs[package] = env
+    return _envs[package]
 
 
-def render_page(out_dir: str | Path, template: str, **context) -> Path:
-    """Render ``template`` with ``context`` into ``out_dir/index.html`` (atomically)."""
+def render_page(out_dir: str | Path, package: str, template: str, **context) -> Path:
+    """Render ``package``'s ``template`` with ``context`` into ``out_dir/index.html`` (atomically)."""
     path = Path(out_dir) / "index.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, environment().get_template(template).render(**context))
+    atomic_write_text(path, environment(package).get_template(template).render(**context))
     return path
 
 

@@ -15,10 +15,10 @@ from sklearn.datasets import load_digits
 from classifiers.label_issues import rank_label_issues
 from featurestore import FeatureArrays, FeatureStoreError, Lineage, Store
 from featurestore.views import ViewStore, apply_view
-from pipelines.audit_labels import AuditConfig, run_audit_labels
+from pipelines.audit.run import AuditLabelsConfig, run_audit_labels
 from pipelines.cli import main
-from pipelines.fit_heads import FitHeadsConfig, run_fit_heads
-from pipelines.models import model_dir
+from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+from pipelines.heads.models import model_dir
 
 CLASSES = (0, 1, 3, 8)
 QUIET = {"echo": lambda s: None}
@@ -93,7 +93,7 @@ def table_hashes(root):
 @pytest.mark.parametrize("method", ["cleanlab", "threshold"])
 def test_injected_flips_are_ranked_ahead_of_clean_images(store, method):
     root, _, flips, _ = store
-    result = run_audit_labels(AuditConfig(store=root, table="digits/max", method=method,
+    result = run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", method=method,
                                           neighbours=0), **QUIET)
     ranking = result.ranking
     k = len(flips)
@@ -112,7 +112,7 @@ def test_injected_flips_are_ranked_ahead_of_clean_images(store, method):
 
 def test_gallery_lists_suspects_worst_first_with_neighbour_thumbnails(store):
     root, _, _, _ = store
-    result = run_audit_labels(AuditConfig(store=root, table="digits/max", top=5,
+    result = run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", top=5,
                                           neighbours=2, heads=["logreg"]), **QUIET)
     html = (result.run_dir / "index.html").read_text()
     ranks = [int(r) for r in re.findall(r'id="rank-(\d+)"', html)]
@@ -132,7 +132,7 @@ def test_gallery_lists_suspects_worst_first_with_neighbour_thumbnails(store):
 def test_accept_top_drops_images_keeps_tables_and_heldout_split(store):
     root, lin, flips, _ = store
     before = table_hashes(root)
-    result = run_audit_labels(AuditConfig(store=root, table="digits/max", neighbours=0,
+    result = run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", neighbours=0,
                                           view="clean", accept_top=len(flips),
                                           author="ana", reason="flip test"), **QUIET)
     view = result.view
@@ -179,7 +179,7 @@ def test_a_view_and_each_revision_of_it_get_their_own_optuna_study(store):
 
 def test_reviewed_relabels_and_drops_are_honoured_by_fit_heads(store):
     root, lin, flips, true = store
-    audit = run_audit_labels(AuditConfig(store=root, table="digits/max", neighbours=0,
+    audit = run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", neighbours=0,
                                           heads=["logreg"]), **QUIET)
     review = audit.suspects.copy()
     relabel, drop = review.index[:2], review.index[2:4]
@@ -190,7 +190,7 @@ def test_reviewed_relabels_and_drops_are_honoured_by_fit_heads(store):
     review.loc[review.index[4], "decision"] = "keep"
     path = audit.run_dir / "suspects.csv"
     review.to_csv(path, index=False)
-    view = run_audit_labels(AuditConfig(store=root, table="digits/max", apply=path,
+    view = run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", apply=path,
                                         view="reviewed", author="bo"), **QUIET).view
     assert view.counts() == {"keep": 1, "relabel": 2, "drop": 2}
     assert view.source["audit_run"] == str(audit.run_dir)  # where the decisions came from
@@ -211,7 +211,7 @@ def test_reviewed_relabels_and_drops_are_honoured_by_fit_heads(store):
 ])
 def test_bad_decisions_are_refused_naming_the_row(store, tmp_path, edit, message):
     root, *_ = store
-    audit = run_audit_labels(AuditConfig(store=root, table="digits/max", neighbours=0,
+    audit = run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", neighbours=0,
                                           heads=["logreg"]), **QUIET)
     review = audit.suspects.head(3).copy()
     review.loc[review.index[0], "decision"] = "keep"
@@ -220,7 +220,7 @@ def test_bad_decisions_are_refused_naming_the_row(store, tmp_path, edit, message
     path = tmp_path / "review.csv"
     review.to_csv(path, index=False)
     with pytest.raises(FeatureStoreError, match=f"Row 3 .*{re.escape(message)}"):
-        run_audit_labels(AuditConfig(store=root, table="digits/max", apply=path, view="v"),
+        run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", apply=path, view="v"),
                          **QUIET)
     assert ViewStore(root).names() == []
 
@@ -233,10 +233,10 @@ def test_heldout_images_change_only_in_a_view_that_says_so(store, tmp_path):
     path = tmp_path / "review.csv"
     pd.DataFrame({"image_id": [test_id], "decision": ["drop"]}).to_csv(path, index=False)
     with pytest.raises(FeatureStoreError, match="held-out split 'test'.*--include-heldout"):
-        run_audit_labels(AuditConfig(store=root, table="digits/max", apply=path, view="t"),
+        run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", apply=path, view="t"),
                          **QUIET)
     with pytest.raises(FeatureStoreError, match="include_heldout"):
-        run_audit_labels(AuditConfig(store=root, table="digits/max", split="test"), **QUIET)
+        run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", split="test"), **QUIET)
     # Even a view that names a held-out image (written through the storage API) leaves
     # the held-out split alone unless it says it covers it.
     ViewStore(root).create("quiet", pd.DataFrame({"image_id": [test_id], "action": ["drop"]}),
@@ -245,7 +245,7 @@ def test_heldout_images_change_only_in_a_view_that_says_so(store, tmp_path):
                            / "heldout.parquet")
     assert test_id in set(held["image_id"]) and len(held) == (meta.split == "test").sum()
     # The test labels are clean: flag every image (below=1) to have something to drop.
-    audit = run_audit_labels(AuditConfig(store=root, table="digits/max", split="test",
+    audit = run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", split="test",
                                          include_heldout=True, neighbours=0, top=3,
                                          method="threshold", below=1.0, view="t",
                                          accept_top=3), **QUIET)
@@ -268,7 +268,7 @@ def test_view_names_are_unique_and_replacing_keeps_the_old_revision(store):
         views.create("v1", pd.DataFrame({"image_id": ids, "action": "drop"}), author="bo",
                      source={})
     with pytest.raises(FeatureStoreError, match="'v1' already exists"):  # before any audit
-        run_audit_labels(AuditConfig(store=root, table="digits/max", view="v1",
+        run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", view="v1",
                                      accept_top=1), **QUIET)
     second = views.create("v1", pd.DataFrame({"image_id": ids, "action": "drop"}),
                           author="bo", source={}, replace=True)
@@ -303,7 +303,7 @@ def test_apply_view_drops_every_row_of_an_image_and_relabels_them():
 def test_missing_heads_are_named_with_the_available_ones(store):
     root, *_ = store
     with pytest.raises(FeatureStoreError, match="'xgboost'.*available: knn, logreg"):
-        run_audit_labels(AuditConfig(store=root, table="digits/max", heads=["xgboost"]),
+        run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", heads=["xgboost"]),
                          **QUIET)
 
 

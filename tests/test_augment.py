@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.augment import PRESETS, apply_view, params_to_json, view_params
+from pipelines.extract.augment import PRESETS, apply_augmentation, params_to_json, view_params
 from tests.image_zoo import gradient_rgb
 
 IMAGE_ID = "ab" * 32
@@ -28,7 +28,7 @@ def test_params_depend_only_on_seed_image_and_view(preset):
 
 def test_raw_view_has_no_params_and_is_a_copy(image):
     assert view_params("strong", 0, IMAGE_ID, 0) == {}
-    out = apply_view(image, {})
+    out = apply_augmentation(image, {})
     assert np.array_equal(out, image) and out is not image
 
 
@@ -47,9 +47,9 @@ def test_draws_stay_in_preset_ranges(preset):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_view_regenerates_bit_for_bit_from_stored_json(image, preset):
     params = view_params(preset, 3, IMAGE_ID, 2)
-    first = apply_view(image, params)
+    first = apply_augmentation(image, params)
     stored = json.loads(params_to_json(params))
-    again = apply_view(image.copy(), stored)
+    again = apply_augmentation(image.copy(), stored)
     assert first.tobytes() == again.tobytes()
     assert first.dtype == np.float32 and first.shape == image.shape
     assert not np.array_equal(first, image)
@@ -58,21 +58,21 @@ def test_view_regenerates_bit_for_bit_from_stored_json(image, preset):
 
 def test_apply_view_does_not_modify_its_input(image):
     before = image.copy()
-    apply_view(image, view_params("strong", 0, IMAGE_ID, 1))
+    apply_augmentation(image, view_params("strong", 0, IMAGE_ID, 1))
     assert np.array_equal(image, before)
 
 
 def test_identity_transform_is_exact(image):
     params = dict(preset="mild", rotation=0.0, shift_x=0.0, shift_y=0.0, zoom=1.0,
                   flip_h=False, flip_v=False, brightness=1.0)
-    assert np.array_equal(apply_view(image, params), image)
+    assert np.array_equal(apply_augmentation(image, params), image)
 
 
 def test_flip_and_shift_move_pixels_the_right_way(image):
     base = dict(preset="mild", rotation=0.0, shift_x=0.0, shift_y=0.0, zoom=1.0,
                 flip_h=False, flip_v=False, brightness=1.0)
-    np.testing.assert_array_equal(apply_view(image, {**base, "flip_h": True}), image[:, ::-1])
-    shifted = apply_view(image, {**base, "shift_x": 0.25})  # 12 px to the right
+    np.testing.assert_array_equal(apply_augmentation(image, {**base, "flip_h": True}), image[:, ::-1])
+    shifted = apply_augmentation(image, {**base, "shift_x": 0.25})  # 12 px to the right
     np.testing.assert_allclose(shifted[:, 12:], image[:, :-12], atol=1e-4)
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.backbones import (create_backbone, get_spec, list_backbones, pooled_model,
+from pipelines.backbones.registry import (create_backbone, get_spec, list_backbones, pooled_model,
                                  preprocess)
-from pipelines.weights import WeightsError, resolve_weights
+from pipelines.backbones.weights import WeightsError, resolve_weights
 
 # Keras' TensorFlow backend converts variables with np.array(x) (numpy 2 deprecation).
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -162,7 +162,7 @@ def test_imagenet_uses_the_keras_cache(tmp_path, monkeypatch):
 
 
 def test_backbones_import_without_keras():
-    code = "import sys, pipelines.backbones, pipelines.loader; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('keras', 'tensorflow', 'jax'))))"
+    code = "import sys, pipelines.backbones.registry, pipelines.extract.loader; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('keras', 'tensorflow', 'jax'))))"
     out = subprocess.run([sys.executable, "-c", "import json; " + code], cwd=REPO,
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from featurestore import Lineage, Store
 from featurestore.manifest import Manifest
 from pipelines.cli import main
-from pipelines.demo import DemoConfig, run_demo
+from pipelines.demo.run import DemoConfig, run_demo
 from tests.test_tables import make_rows
 
 

@@ -21,11 +21,11 @@ import pytest
 from click.testing import CliRunner
 
 from featurestore import Store
-from pipelines.augment import apply_view
-from pipelines.backbones import create_backbone, pooled_model, preprocess
-from pipelines.extract import ExtractConfig, command, run_extract
-from pipelines.extract_errors import read_errors
-from pipelines.images import load_image
+from pipelines.extract.augment import apply_augmentation
+from pipelines.backbones.registry import create_backbone, pooled_model, preprocess
+from pipelines.extract.run import ExtractConfig, command, run_extract
+from pipelines.extract.errors import read_errors
+from pipelines.extract.images import load_image
 from tests.image_zoo import gradient_rgb, image_folder, png_header_only, save
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning",
@@ -128,7 +128,7 @@ def test_augmented_view_regenerates_from_its_stored_params(dataset, reference):
     params = json.loads(row["aug_params"])
     assert params["preset"] == "strong"
     pixels = load_image(str(dataset / row["path"]), (32, 32))
-    view = preprocess(apply_view(pixels, params), "torch")
+    view = preprocess(apply_augmentation(pixels, params), "torch")
     batch = np.zeros((8, 32, 32, 3), np.float32)
     batch[5] = view  # any slot: features do not depend on the batch position
     model = pooled_model(create_backbone("densenet121", input_size=32, seed=0), ("avg",))
@@ -212,7 +212,7 @@ def test_errors_table_records_bad_files_and_the_run_goes_on(tmp_path):
 
 _KILLABLE = textwrap.dedent("""
     import sys
-    from pipelines.extract import ExtractConfig, run_extract
+    from pipelines.extract.run import ExtractConfig, run_extract
     if __name__ == "__main__":
         run_extract(ExtractConfig(dataset=sys.argv[1], store=sys.argv[2], weights="none",
                                   image_size=32, batch_size=4, rows_per_part=4, augment=2,
@@ -249,7 +249,7 @@ def test_resume_after_kill_9_equals_uninterrupted_run(dataset, reference, tmp_pa
 _JAX_CHECK = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from pipelines.extract import ExtractConfig, run_extract
+    from pipelines.extract.run import ExtractConfig, run_extract
     from featurestore import Store
     result = run_extract(ExtractConfig(dataset=sys.argv[1], store=sys.argv[2],
                                        weights=sys.argv[3], image_size=32, batch_size=8,
@@ -258,7 +258,7 @@ _JAX_CHECK = textwrap.dedent("""
     order = np.argsort(ids, order=["image_id", "aug_id"])
     np.save(sys.argv[4], X[order])
     import hashlib, keras
-    from pipelines.backbones import create_backbone
+    from pipelines.backbones.registry import create_backbone
     random_init = create_backbone("efficientnetb0", input_size=32, seed=5).get_weights()
     digest = hashlib.sha256(b"".join(np.asarray(w, np.float32).tobytes() for w in random_init))
     print(json.dumps({"backend": keras.config.backend(), "exit": result.exit_code,

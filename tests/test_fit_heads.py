@@ -14,11 +14,11 @@ from sklearn.datasets import load_digits
 from classifiers import create_head, get_head_spec, list_heads, registry
 from classifiers.cv import grouped_folds
 from classifiers.metrics import make_objective
-from classifiers.search import run_search
+from classifiers.tuning import tune_head
 from featurestore import FeatureStoreError, Lineage, LineageMismatchError, Store
-from pipelines import fit_heads
-from pipelines.fit_heads import FitHeadsConfig, parse_class_weight, run_fit_heads
-from pipelines.models import load_model, save_model
+from pipelines.heads import fit as fit_heads
+from pipelines.heads.fit import FitHeadsConfig, parse_class_weight, run_fit_heads
+from pipelines.heads.models import load_model, save_model
 
 
 def lineage(pool="max"):
@@ -62,18 +62,18 @@ def test_search_resumes_without_redoing_finished_trials(tmp_path):
     X, y, groups, folds, objective = digits_problem()
     url = f"sqlite:///{tmp_path / 'optuna.sqlite'}"
     kwargs = dict(objective=objective, storage=url, study_name="resume")
-    first = run_search("logreg", X, y, groups, folds, n_trials=3, **kwargs)
+    first = tune_head("logreg", X, y, groups, folds, n_trials=3, **kwargs)
     assert first.n_complete == 3 and len(first.trial_seconds) == 3
     study = optuna.load_study(study_name="resume", storage=url)
     before = [(t.number, t.params, t.datetime_complete) for t in study.trials]
-    second = run_search("logreg", X, y, groups, folds, n_trials=5, **kwargs)
+    second = tune_head("logreg", X, y, groups, folds, n_trials=5, **kwargs)
     assert len(second.trial_seconds) == 2  # only the two missing trials ran
     trials = optuna.load_study(study_name="resume", storage=url).trials
     assert len(trials) == 5
     assert [(t.number, t.params, t.datetime_complete) for t in trials[:3]] == before
     # The resumed run does not replay the first run's suggestions.
     assert trials[3].params != trials[0].params
-    third = run_search("logreg", X, y, groups, folds, n_trials=5, **kwargs)
+    third = tune_head("logreg", X, y, groups, folds, n_trials=5, **kwargs)
     assert third.trial_seconds == [] and third.params == second.params
     assert np.allclose(third.oof, second.oof)  # recomputed from the stored best params
 
@@ -87,7 +87,7 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(monkeypatch):
 
     spec = dataclasses.replace(get_head_spec("logreg"), search_space=space)
     monkeypatch.setitem(registry._REGISTRY, "logreg", spec)
-    result = run_search("logreg", X, y, groups, folds, n_trials=4, objective=objective)
+    result = tune_head("logreg", X, y, groups, folds, n_trials=4, objective=objective)
     assert (result.n_complete, result.n_failed) == (3, 1)
     assert "C" in result.fail_reasons[0] and result.params["C"] > 0
 
@@ -191,7 +191,7 @@ def test_keras_trials_run_in_a_recycled_worker_and_memory_stays_flat():
     storage = optuna.storages.InMemoryStorage()
     sizes = []
     for n in (1, 3):  # resume the study, measuring between runs
-        result = run_search("keras_dense", X, y, groups, folds, objective=objective,
+        result = tune_head("keras_dense", X, y, groups, folds, objective=objective,
                             n_trials=n, storage=storage, study_name="keras",
                             fixed_params={"max_epochs": 1})
         sizes.append(rss_mb())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.images import ImageDecodeError, load_image
+from pipelines.extract.images import ImageDecodeError, load_image
 from tests.image_zoo import broken_zoo, gradient_rgb, png_header_only, save
 
 

@@ -5,11 +5,11 @@ import threading
 import numpy as np
 import pytest
 
-from pipelines import loader
-from pipelines.augment import apply_view, view_params
-from pipelines.backbones import preprocess
-from pipelines.images import load_image
-from pipelines.loader import ImageTask, ViewRecipe, decode_views, iter_batches
+from pipelines.extract import loader
+from pipelines.extract.augment import apply_augmentation, view_params
+from pipelines.backbones.registry import preprocess
+from pipelines.extract.images import load_image
+from pipelines.extract.loader import ImageTask, ViewRecipe, decode_views, iter_batches
 from tests.image_zoo import broken_zoo, image_folder
 
 
@@ -39,7 +39,7 @@ def test_views_are_preprocessed_and_augmented_like_the_parts(paths):
     image = load_image(str(paths[0]), (32, 32))
     params = view_params("strong", 5, task.image_id, 3)
     np.testing.assert_array_equal(raw, preprocess(image.copy(), "caffe"))
-    np.testing.assert_array_equal(aug, preprocess(apply_view(image, params), "caffe"))
+    np.testing.assert_array_equal(aug, preprocess(apply_augmentation(image, params), "caffe"))
     assert raw_row.aug_params == "{}" and aug_row.aug_id == 3 and '"preset": "strong"' in aug_row.aug_params
 
 

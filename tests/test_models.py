@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from featurestore import FeatureStoreError, Store
-from pipelines.fit_heads import FitHeadsConfig, run_fit_heads
-from pipelines.models import list_models, load_model, resolve_model_name, save_model
+from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+from pipelines.heads.models import list_models, load_model, resolve_model_name, save_model
 from tests.test_fit_heads import write_digits_table
 
 

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from PIL import Image, PngImagePlugin
 
 from featurestore import Store, TableReader
-from pipelines import featurize
+from pipelines.extract import featurize
 from pipelines.cli import main
-from pipelines.predict import CACHE_DIR, PredictConfig, run_predict
+from pipelines.heads.predict import CACHE_DIR, PredictConfig, run_predict
 from tests.test_tables import make_lineage
 
 MODEL = "densenet121/max/logreg"
@@ -26,9 +26,9 @@ def fitted(tmp_path_factory):
     The recall floor on 8 gives the head a saved threshold far from 0.5, so
     reproducing the held-out labels shows that predict applies it.
     """
-    from pipelines.demo_data import write_digits_dataset
-    from pipelines.extract import ExtractConfig, run_extract
-    from pipelines.fit_heads import FitHeadsConfig, run_fit_heads
+    from pipelines.demo.data import write_digits_dataset
+    from pipelines.extract.run import ExtractConfig, run_extract
+    from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
 
     root = tmp_path_factory.mktemp("predict")
     dataset = write_digits_dataset(root / "digits", size=32)
@@ -217,7 +217,7 @@ def test_weights_that_differ_from_the_lineage_are_refused(fitted, tmp_path):
 
 
 def _fit_on_random_features(store, lineage):
-    from pipelines.fit_heads import FitHeadsConfig, run_fit_heads
+    from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
 
     rng = np.random.default_rng(0)
     n = 40

@@ -16,12 +16,12 @@ from sklearn.datasets import load_digits
 from featurestore import FeatureStoreError, Lineage, Store
 from featurestore.views import ViewStore
 from pipelines.cli import main
-from pipelines.eval_search import EvalSearchConfig, run_eval_search
-from pipelines.extract_errors import ErrorLog
-from pipelines.fit_heads import FitHeadsConfig, run_fit_heads
-from pipelines.leaderboard import read_leaderboard
-from pipelines.models import HELDOUT_FILE, model_dir
-from pipelines.report import ReportConfig, run_report
+from pipelines.similar.evaluate import EvalSearchConfig, run_eval_search
+from pipelines.extract.errors import ErrorLog
+from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+from pipelines.heads.leaderboard import read_leaderboard
+from pipelines.heads.models import HELDOUT_FILE, model_dir
+from pipelines.report.run import ReportConfig, run_report
 from pipelines.scan import ScanConfig, run_scan
 
 CLASSES = (3, 8)

@@ -17,7 +17,7 @@ from featurestore.layout import CLASS_FOLDERS, SPLIT_FOLDERS
 from featurestore.manifest import Manifest
 from featurestore.scan import scan_dataset
 from featurestore.splits import assign_splits, split_targets
-from pipelines.demo_data import write_digits_dataset
+from pipelines.demo.data import write_digits_dataset
 from pipelines.scan import ScanConfig, command, run_scan
 
 TARGETS = split_targets(0.15, 0.15)

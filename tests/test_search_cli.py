@@ -10,10 +10,10 @@ from sklearn.datasets import load_digits
 
 from featurestore import FeatureStoreError, Store
 from pipelines.cli import main
-from pipelines.eval_search import EvalSearchConfig, comparison_table, run_eval_search
-from pipelines.index import IndexConfig, run_index
-from pipelines.near_duplicates import NearDuplicatesConfig, run_near_duplicates
-from pipelines.search import SearchConfig, run_search
+from pipelines.similar.evaluate import EvalSearchConfig, comparison_table, run_eval_search
+from pipelines.similar.index import IndexConfig, run_index
+from pipelines.similar.near_duplicates import NearDuplicatesConfig, run_near_duplicates
+from pipelines.similar.search import SearchConfig, run_search
 from tests.test_tables import make_lineage
 
 
@@ -124,8 +124,8 @@ def test_near_duplicates_flag_cross_split_pairs(tmp_path):
 def test_new_query_image_is_extracted_with_the_tables_recipe(tmp_path):
     from PIL import Image, PngImagePlugin
 
-    from pipelines.demo_data import write_digits_dataset
-    from pipelines.extract import ExtractConfig, run_extract
+    from pipelines.demo.data import write_digits_dataset
+    from pipelines.extract.run import ExtractConfig, run_extract
 
     dataset = tmp_path / "digits"
     write_digits_dataset(dataset, size=32)
@@ -148,7 +148,7 @@ def test_new_query_image_is_extracted_with_the_tables_recipe(tmp_path):
 
 def test_new_query_needs_the_tables_weights_file():
     from featurestore import LineageMismatchError
-    from pipelines.featurize import engine_settings_for
+    from pipelines.extract.featurize import engine_settings_for
 
     lineage = make_lineage(weights="file:scanner-finetuned.h5", weights_sha256="ab" * 32)
     with pytest.raises(LineageMismatchError, match="pass that file"):

@@ -18,7 +18,7 @@
 
 Features do not depend on where a view is computed: every worker builds the
 same model (same weights file or same seeded initialisation) and every batch
-has the same shape (see ``pipelines.loader``).
+has the same shape (see ``pipelines.extract.loader``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipelines.loader import ImageTask, ViewRecipe, ViewRow, iter_batches
+from pipelines.extract.loader import ImageTask, ViewRecipe, ViewRow, iter_batches
 
 #: Seconds between checks that the other side of a worker queue is alive.
 _POLL_S = 1.0
@@ -72,7 +72,7 @@ class FeatureEngine:
     """A pooled backbone plus the decode pipeline that feeds it."""
 
     def __init__(self, settings: EngineSettings):
-        from pipelines.backbones import create_backbone, pooled_model
+        from pipelines.backbones.registry import create_backbone, pooled_model
 
         if settings.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; "

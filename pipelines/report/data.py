@@ -1,7 +1,7 @@
 """What the report shows, gathered from a store: the dataset, saved models and their predictions.
 
-Nothing here draws or writes: :mod:`pipelines.report_figures` draws,
-:mod:`pipelines.report` lays the page out. Every reader tolerates a store
+Nothing here draws or writes: :mod:`pipelines.report.figures` draws,
+:mod:`pipelines.report.run` lays the page out. Every reader tolerates a store
 that lacks a part (no manifest, no models, no Optuna storage): the report
 then says so instead of failing.
 """
@@ -20,8 +20,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from classifiers.metrics import decide, roc_auc
 from featurestore import FeatureStoreError, Lineage, Store
-from pipelines.extract_errors import read_errors
-from pipelines.models import (HELDOUT_FILE, MODEL_JSON, OOF_FILE, PROBA_PREFIX, ModelRef,
+from pipelines.extract.errors import read_errors
+from pipelines.heads.models import (HELDOUT_FILE, MODEL_JSON, OOF_FILE, PROBA_PREFIX, ModelRef,
                              list_models)
 
 #: Metrics computed per cross-validation fold from ``oof.parquet`` (mean ± std in the report).

@@ -8,7 +8,7 @@ order,
 2. the predict cache ``STORE/cache/tables/<key>/``: a feature table of the same
    lineage, written by the store's own :class:`~featurestore.TableWriter`
    (one committed part per engine batch, deduplicated by image id);
-3. a fresh extraction (:mod:`pipelines.featurize`) with the lineage's backbone,
+3. a fresh extraction (:mod:`pipelines.extract.featurize`) with the lineage's backbone,
    weights, input size, preprocessing and pooling, appended to the cache.
 
 Images are keyed by the SHA-256 of their bytes (the store's image id), so an
@@ -48,9 +48,9 @@ from featurestore._io import atomic_write
 from featurestore.layout import IMAGE_EXTENSIONS
 from featurestore.scan import hash_file, inspect_image
 from featurestore.tablefiles import LINEAGE_FILE
-from pipelines.engine import default_workers
-from pipelines.extract import EXIT_BAD_INPUT, EXIT_FILE_ERRORS, EXIT_OK
-from pipelines.models import (PROBA_PREFIX, ModelRef, SavedModel, load_model,
+from pipelines.extract.engine import default_workers
+from pipelines.extract.run import EXIT_BAD_INPUT, EXIT_FILE_ERRORS, EXIT_OK
+from pipelines.heads.models import (PROBA_PREFIX, ModelRef, SavedModel, load_model,
                              resolve_model_name)
 
 #: Folder of the predict cache inside the store: a nested store of feature tables.
@@ -193,7 +193,7 @@ def _stored_scores(store: Store, model: SavedModel, wanted: set[str]) -> dict:
 
 def _warn_versions(lineage: Lineage, echo) -> None:
     """Say when the libraries that will compute features differ from the lineage's."""
-    from pipelines.extract import library_versions
+    from pipelines.extract.run import library_versions
 
     precision = lineage.library_versions.get("compute_dtype", "float32")
     now = library_versions(precision, bool(lineage.augmentation))
@@ -271,7 +271,7 @@ def _unidentified(todo: dict[str, Path]) -> dict[str, str]:
 
 def _engine_settings(model: SavedModel, ref: ModelRef, config: PredictConfig):
     """Engine settings of the model's lineage; refuses weights that do not match it."""
-    from pipelines.featurize import engine_settings_for  # imports the backbone registry
+    from pipelines.extract.featurize import engine_settings_for  # imports the backbone registry
 
     lineage = model.lineage
     if config.weights is not None and lineage.weights.startswith("random:"):
@@ -313,7 +313,7 @@ def _extract(store: Store, model: SavedModel, settings, todo: dict[str, Path],
     Every batch is committed to the cache as one part before the next is
     computed, so a killed run loses at most the batch in flight.
     """
-    from pipelines.featurize import iter_feature_batches
+    from pipelines.extract.featurize import iter_feature_batches
 
     workers = config.workers or (
         1 if len(todo) < _MIN_IMAGES_PER_WORKER else default_workers())

@@ -17,10 +17,10 @@ import numpy as np
 
 from featurestore import Lineage, LineageMismatchError
 from featurestore.scan import hash_file
-from pipelines.backbones import get_spec
-from pipelines.engine import EngineSettings, run_engine
-from pipelines.loader import ImageTask, ViewRecipe
-from pipelines.weights import resolve_weights
+from pipelines.backbones.registry import get_spec
+from pipelines.extract.engine import EngineSettings, run_engine
+from pipelines.extract.loader import ImageTask, ViewRecipe
+from pipelines.backbones.weights import resolve_weights
 
 
 def engine_settings_for(lineage: Lineage, *, weights_path: str | None = None,

@@ -4,7 +4,7 @@ A view is identified by ``(image_id, aug_id)``; ``aug_id = 0`` is the raw image
 and ``1..N`` are augmented views. ``view_params`` draws a view's parameters from
 ``(seed, image_id, aug_id)`` alone, so they do not depend on the order, batch,
 worker or shard an image is processed in; the parameters are stored as JSON
-next to the features, and ``apply_view(image, params)`` regenerates that view
+next to the features, and ``apply_augmentation(image, params)`` regenerates that view
 bit for bit from them.
 
 Transforms follow ``ImageDataGenerator.random_transform`` (the users' previous
@@ -108,7 +108,7 @@ def params_to_json(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
 
-def apply_view(image: np.ndarray, params: dict) -> np.ndarray:
+def apply_augmentation(image: np.ndarray, params: dict) -> np.ndarray:
     """Return view ``params`` of ``image``, a ``(h, w, 3)`` float32 0..255 array.
 
     Pure: the input is not modified, and the same ``params`` give an identical

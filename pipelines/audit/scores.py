@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from featurestore import FeatureStoreError, Store
-from pipelines.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, list_models, model_dir
+from pipelines.heads.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, list_models, model_dir
 
 
 

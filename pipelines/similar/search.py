@@ -66,7 +66,7 @@ def query_vector(reader: TableReader, query: str, codes: dict[str, int], *,
     if path.is_file():
         image_id = hashlib.sha256(path.read_bytes()).hexdigest()
         if image_id not in codes:
-            from pipelines.featurize import featurize_files  # imports the backbone code
+            from pipelines.extract.featurize import featurize_files  # imports the backbone code
 
             X, _, errors = featurize_files([path], reader.lineage, weights_path=weights)
             if errors:

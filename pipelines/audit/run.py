@@ -37,9 +37,9 @@ from classifiers.label_issues import METHODS, rank_label_issues
 from featurestore import FeatureStoreError, Store
 from featurestore._io import atomic_write, atomic_write_text
 from featurestore.views import View, ViewStore, check_view_name
-from pipelines.audit_gallery import write_gallery
-from pipelines.audit_review import ACCEPT_AS, accept_top, check_decisions, read_decisions
-from pipelines.audit_scores import load_scores
+from pipelines.audit.gallery import write_gallery
+from pipelines.audit.review import ACCEPT_AS, accept_top, check_decisions, read_decisions
+from pipelines.audit.scores import load_scores
 
 AUDITS_DIR = "audits"
 SUSPECT_COLUMNS = ("rank", "image_id", "path", "given_label", "suggested_label", "score",
@@ -47,7 +47,7 @@ SUSPECT_COLUMNS = ("rank", "image_id", "path", "given_label", "suggested_label",
 
 
 @dataclass
-class AuditConfig:
+class AuditLabelsConfig:
     store: Path
     """Store folder holding the table and its fitted heads."""
     table: str
@@ -100,7 +100,7 @@ class AuditResult:
     view: View | None = None
 
 
-def _check_config(config: AuditConfig) -> None:
+def _check_config(config: AuditLabelsConfig) -> None:
     if config.method not in METHODS:
         raise FeatureStoreError(f"method must be one of {', '.join(METHODS)}; "
                                 f"got {config.method!r}.")
@@ -123,7 +123,7 @@ def _check_config(config: AuditConfig) -> None:
         raise FeatureStoreError(f"top must be >= 1; got {config.top}.")
 
 
-def run_audit_labels(config: AuditConfig, echo: Callable[[str], None] = print) -> AuditResult:
+def run_audit_labels(config: AuditLabelsConfig, echo: Callable[[str], None] = print) -> AuditResult:
     """Audit the table's labels, or store reviewed decisions (``config.apply``) as a view."""
     _check_config(config)
     store = Store(config.store, create=False)
@@ -149,7 +149,7 @@ def run_audit_labels(config: AuditConfig, echo: Callable[[str], None] = print) -
     return result
 
 
-def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditConfig,
+def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditLabelsConfig,
            echo) -> AuditResult:
     scores = load_scores(store, key, config.heads, config.split)
     issues = rank_label_issues(scores.labels, scores.proba, method=config.method,
@@ -210,7 +210,7 @@ def _features(store: Store, key: str, image_id: np.ndarray) -> np.ndarray:
     return X
 
 
-def _apply_file(store, key, images, config: AuditConfig, author, echo) -> AuditResult:
+def _apply_file(store, key, images, config: AuditLabelsConfig, author, echo) -> AuditResult:
     frame = read_decisions(config.apply)
     classes = sorted(images.loc[images["split"] == "train", "label"].unique())
     decisions = check_decisions(frame, images, classes, include_heldout=config.include_heldout,
@@ -225,7 +225,7 @@ def _apply_file(store, key, images, config: AuditConfig, author, echo) -> AuditR
     return AuditResult(key, view=view)
 
 
-def _create_view(store, config: AuditConfig, decisions, source, author, echo) -> View:
+def _create_view(store, config: AuditLabelsConfig, decisions, source, author, echo) -> View:
     view = ViewStore(store.root).create(config.view, decisions, author=author, source=source,
                                         covers_heldout=config.include_heldout,
                                         replace=config.replace)
@@ -236,7 +236,7 @@ def _create_view(store, config: AuditConfig, decisions, source, author, echo) ->
     return view
 
 
-def _new_run_dir(store: Store, key: str, config: AuditConfig) -> Path:
+def _new_run_dir(store: Store, key: str, config: AuditLabelsConfig) -> Path:
     base = config.run or f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{config.method}"
     check_view_name(base)  # same rules: it is a folder name
     parent = store.root / AUDITS_DIR / key
@@ -299,7 +299,7 @@ def command(store, table, heads, list_views, **options):
         raise click.UsageError("Missing option '--table' (needed unless --list-views).")
     names = None if heads is None else [h.strip() for h in heads.split(",") if h.strip()]
     try:
-        run_audit_labels(AuditConfig(store=store, table=table, heads=names, **options),
+        run_audit_labels(AuditLabelsConfig(store=store, table=table, heads=names, **options),
                          echo=click.echo)
     except (FeatureStoreError, ValueError) as err:
         raise click.ClickException(str(err)) from err

@@ -1,7 +1,7 @@
 """The report's sections as template contexts: tables as :class:`Grid`, figures as file paths.
 
-Each ``*_section`` function gathers (:mod:`pipelines.report_data`), draws
-(:mod:`pipelines.report_figures`) and returns plain dicts and lists that
+Each ``*_section`` function gathers (:mod:`pipelines.report.data`), draws
+(:mod:`pipelines.report.figures`) and returns plain dicts and lists that
 ``templates/report.html`` lays out.
 """
 
@@ -19,12 +19,12 @@ from sklearn.metrics import precision_recall_fscore_support
 
 from classifiers.metrics import roc_auc
 from featurestore import Store
-from pipelines import report_figures as figures
-from pipelines.fit_heads import OPTUNA_FILE
+from pipelines.report import figures
+from pipelines.heads.fit import OPTUNA_FILE
 from pipelines.html import thumbnail
-from pipelines.report_compare import (COMPARISON_COLUMNS, COMPARISONS, augmentation_name,
+from pipelines.report.compare import (COMPARISON_COLUMNS, COMPARISONS, augmentation_name,
                                       comparison_groups, comparison_rows)
-from pipelines.report_data import (FOLD_METRICS, PROBA_PREFIX, DatasetFacts, ImageLocator,
+from pipelines.report.data import (FOLD_METRICS, PROBA_PREFIX, DatasetFacts, ImageLocator,
                                    ModelFacts, misclassified)
 
 #: Rows listed at most in a problem table (rejected files, duplicates, failures).

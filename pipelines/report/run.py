@@ -32,17 +32,17 @@ import click
 import pandas as pd
 
 from featurestore import FeatureStoreError, Store
-from pipelines.eval_search import RESULTS_FILE
+from pipelines.similar.evaluate import RESULTS_FILE
 from pipelines.html import render_page
-from pipelines.leaderboard import read_leaderboard
-from pipelines.report_compare import enrich_leaderboard, search_tables
-from pipelines.report_data import (ImageLocator, ModelFacts, dataset_facts, error_ids,
+from pipelines.heads.leaderboard import read_leaderboard
+from pipelines.report.compare import enrich_leaderboard, search_tables
+from pipelines.report.data import (ImageLocator, ModelFacts, dataset_facts, error_ids,
                                    load_model_facts, table_lineages)
-from pipelines.report_map import MAP_METHODS, check_map_method, table_map
-from pipelines.report_sections import (Grid, StudyReader, comparison_sections,
+from pipelines.report.map import MAP_METHODS, check_map_method, table_map
+from pipelines.report.sections import (Grid, StudyReader, comparison_sections,
                                        dataset_section, default_storage, leaderboard_grid,
                                        model_section)
-from pipelines import report_figures as figures
+from pipelines.report import figures
 
 REPORT_DIR = "report"
 #: File that marks a folder as a report, so only reports are ever replaced.
@@ -93,7 +93,7 @@ def run_report(config: ReportConfig, echo: Callable[[str], None] = print) -> Pat
     building.mkdir(parents=True)
     try:
         summary = _build(store, config, building, echo)
-        render_page(building, "report.html", **summary.pop("context"))
+        render_page(building, "pipelines.report", "report.html", **summary.pop("context"))
         (building / MARKER).write_text(json.dumps(summary, indent=2, default=str))
         _swap(building, out)
     except BaseException:

@@ -9,8 +9,8 @@ Click layer over it. One run:
 3. without ``--shard``, merges finished shard parts into the tables;
 4. plans the ``(image_id, aug_id)`` rows missing from the tables;
 5. runs the backbone once per view and reduces its final feature map by every
-   requested pooling, writing one table per pooling (``pipelines.engine``);
-6. records files that fail in the errors table (``pipelines.extract_errors``)
+   requested pooling, writing one table per pooling (``pipelines.extract.engine``);
+6. records files that fail in the errors table (``pipelines.extract.errors``)
    and goes on.
 
 Exit status of the command: 0 all views extracted; 3 finished, but some files
@@ -34,19 +34,21 @@ import click
 from tqdm.auto import tqdm
 
 from featurestore import FeatureStoreError, Lineage, Store
+from featurestore.formats import FORMATS
 from featurestore.splits import SPLITS
 from featurestore.store import parse_shard
-from pipelines.augment import PRESETS, get_preset
-from pipelines.backbones import POOLS, check_input_size, get_spec, list_backbones
-from pipelines.engine import PRECISIONS, EngineSettings, default_workers, run_engine
-from pipelines.extract_errors import ErrorLog
-from pipelines.extract_plan import Plan, make_plan
-from pipelines.images import DEFAULT_MAX_PIXELS
-from pipelines.loader import ViewRecipe
-from pipelines.weights import ResolvedWeights, keras_cache_dir, resolve_weights
+from pipelines.extract.augment import PRESETS, get_preset
+from pipelines.backbones.registry import POOLS, check_input_size, get_spec, list_backbones
+from pipelines.extract.engine import PRECISIONS, EngineSettings, default_workers, run_engine
+from pipelines.extract.errors import ErrorLog
+from pipelines.extract.plan import Plan, make_plan
+from pipelines.extract.images import DEFAULT_MAX_PIXELS
+from pipelines.extract.loader import ViewRecipe
+from pipelines.backbones.weights import ResolvedWeights, keras_cache_dir, resolve_weights
 
 POOL_CHOICES = ("max", "avg", "both")
-FORMAT_CHOICES = {"hdf5": ("hdf5",), "parquet": ("parquet",), "both": ("hdf5", "parquet")}
+#: ``--format`` choices: each registered table format alone, or ``both`` (all of them).
+FORMAT_CHOICES = {**{name: (name,) for name in FORMATS}, "both": tuple(FORMATS)}
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_BAD_INPUT = 0, 3, 2
 
 
@@ -76,7 +78,7 @@ class ExtractConfig:
     """Seed of the augmented views and of ``weights="none"`` initialisation."""
     batch_size: int = 32
     """Views per backbone call; every call has this shape (the last is padded)."""
-    formats: str = "hdf5"
+    format: str = "hdf5"
     """``hdf5``, ``parquet`` or ``both``."""
     shard: str | None = None
     """``"K/N"``: extract only shard K of N into part files, merged by a run without shard."""
@@ -152,7 +154,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     workers = config.workers or default_workers()
     with contextlib.ExitStack() as stack:
         writers = {pool: stack.enter_context(store.writer(
-            lin, formats=FORMAT_CHOICES[config.formats], shard=config.shard,
+            lin, formats=FORMAT_CHOICES[config.format], shard=config.shard,
             rows_per_part=config.rows_per_part))
             for pool, lin in lineages.items()}
         plan = make_plan(manifest.images(), manifest.absolute_path,
@@ -228,7 +230,7 @@ def _check_config(config: ExtractConfig):
     spec = get_spec(config.backbone)
     check_input_size(spec, config.image_size)
     _one_of("pool", config.pool, POOL_CHOICES)
-    _one_of("formats", config.formats, FORMAT_CHOICES)
+    _one_of("format", config.format, FORMAT_CHOICES)
     _one_of("precision", config.precision, PRECISIONS)
     if config.augment < 0:
         raise ValueError(f"augment must be >= 0 views; got {config.augment}.")
@@ -371,7 +373,7 @@ class _CommandFailed(click.ClickException):
               help="Seed of the augmented views and of --weights none.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Views per backbone call.")
-@click.option("--format", "formats", default="hdf5", show_default=True,
+@click.option("--format", "format_", default="hdf5", show_default=True,
               type=click.Choice(list(FORMAT_CHOICES)), help="Table file format(s).")
 @click.option("--shard", default=None, metavar="K/N",
               help="Extract shard K of N into part files; a run without --shard merges them.")
@@ -382,7 +384,7 @@ class _CommandFailed(click.ClickException):
               help="bfloat16: faster on CPUs with AVX-512 BF16/AMX; features differ slightly.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(dataset, store, backbone, pool, weights, image_size, augment, augment_preset,
-            augment_splits, seed, batch_size, formats, shard, workers, precision, quiet):
+            augment_splits, seed, batch_size, format_, shard, workers, precision, quiet):
     """Extract backbone features of the images in DATASET into feature tables in STORE.
 
     Rerunning the same command extracts only the missing rows (after a crash or
@@ -393,7 +395,7 @@ def command(dataset, store, backbone, pool, weights, image_size, augment, augmen
         dataset=dataset, store=store, backbone=backbone, pool=pool, weights=weights,
         image_size=image_size, augment=augment, augment_preset=augment_preset,
         augment_splits=tuple(augment_splits), seed=seed, batch_size=batch_size,
-        formats=formats, shard=shard, workers=workers, precision=precision, progress=not quiet)
+        format=format_, shard=shard, workers=workers, precision=precision, progress=not quiet)
     try:
         result = run_extract(config)
     except (FeatureStoreError, ValueError) as err:

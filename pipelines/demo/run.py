@@ -19,19 +19,19 @@ from pathlib import Path
 import click
 
 from featurestore import FeatureStoreError
-from pipelines.backbones import get_spec
+from pipelines.backbones.registry import get_spec
 from featurestore.views import ViewStore
-from pipelines.audit_labels import AuditConfig, run_audit_labels
-from pipelines.demo_data import write_digits_dataset, write_new_scans
-from pipelines.eval_search import EvalSearchConfig, comparison_table, run_eval_search
-from pipelines.extract import ExtractConfig, run_extract
-from pipelines.fit_heads import FitHeadsConfig, run_fit_heads
-from pipelines.leaderboard import format_leaderboard
-from pipelines.predict import PredictConfig, run_predict
-from pipelines.report import ReportConfig, run_report
+from pipelines.audit.run import AuditLabelsConfig, run_audit_labels
+from pipelines.demo.data import write_digits_dataset, write_new_scans
+from pipelines.similar.evaluate import EvalSearchConfig, comparison_table, run_eval_search
+from pipelines.extract.run import ExtractConfig, run_extract
+from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+from pipelines.heads.leaderboard import format_leaderboard
+from pipelines.heads.predict import PredictConfig, run_predict
+from pipelines.report.run import ReportConfig, run_report
 from pipelines.scan import ScanConfig, run_scan
 from pipelines.tables import TablesConfig, run_tables
-from pipelines.weights import WeightsError, resolve_weights
+from pipelines.backbones.weights import WeightsError, resolve_weights
 
 
 @dataclass
@@ -78,7 +78,7 @@ def run_demo(config: DemoConfig, echo=print) -> dict:
     weights = _demo_weights(config, echo)
     extract = run_extract(ExtractConfig(
         dataset=config.dataset, store=config.store, backbone=config.backbone, pool="both",
-        weights=weights, image_size=config.image_size, formats="both",
+        weights=weights, image_size=config.image_size, format="both",
         progress=config.progress))
     echo("\n" + extract.summary())
 
@@ -119,7 +119,7 @@ def _audit_and_refit(config: DemoConfig, table_key: str, echo):
     (reused on a rerun) and refit the first head on it."""
     view = "demo-clean"
     exists = view in ViewStore(config.store).names()
-    audit = run_audit_labels(AuditConfig(
+    audit = run_audit_labels(AuditLabelsConfig(
         store=config.store, table=table_key, top=24,
         view=None if exists else view, accept_top=None if exists else config.accept_top,
         reason="demo: top suspects of the first audit"), echo=echo)

@@ -25,9 +25,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipelines.augment import apply_view, params_to_json, view_params
-from pipelines.backbones import preprocess
-from pipelines.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from pipelines.extract.augment import apply_augmentation, params_to_json, view_params
+from pipelines.backbones.registry import preprocess
+from pipelines.extract.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,7 @@ def decode_views(task: ImageTask, recipe: ViewRecipe) -> list[tuple[ViewRow, np.
         params = {} if aug_id == 0 else view_params(
             recipe.augment_preset, recipe.seed, task.image_id, aug_id
         )
-        pixels = preprocess(apply_view(image, params), recipe.preprocessing)
+        pixels = preprocess(apply_augmentation(image, params), recipe.preprocessing)
         row = ViewRow(task.image_id, aug_id, task.label, task.split, task.path,
                       params_to_json(params))
         views.append((row, pixels))

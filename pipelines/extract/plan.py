@@ -15,7 +15,7 @@ from typing import Iterator
 import pandas as pd
 
 from featurestore.store import parse_shard
-from pipelines.loader import ImageTask
+from pipelines.extract.loader import ImageTask
 
 
 @dataclasses.dataclass

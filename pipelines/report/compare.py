@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from featurestore import Lineage
-from pipelines.report_data import FOLD_METRICS, ModelFacts
+from pipelines.report.data import FOLD_METRICS, ModelFacts
 
 #: Values of a varied column shown first in their group: the "before" of a comparison.
 BASELINES = ("", "raw")
@@ -138,7 +138,7 @@ def _spread_text(spread) -> str:
 
 def search_tables(results: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """``(metric, classes x (table, k) precision@k)`` per metric of ``search_eval.parquet``."""
-    from pipelines.eval_search import comparison_table
+    from pipelines.similar.evaluate import comparison_table
 
     if results.empty:
         return []

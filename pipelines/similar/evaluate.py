@@ -17,7 +17,7 @@ import pandas as pd
 
 from featurestore import FeatureStoreError, Store
 from featurestore.similarity import METRICS, precision_at_k
-from pipelines.search import group_codes, search_table
+from pipelines.similar.search import group_codes, search_table
 
 RESULTS_FILE = "search_eval.parquet"
 

@@ -155,13 +155,13 @@ def create_backbone(
 ):
     """Build the headless backbone ``name``; output ``(batch, h, w, feature_dim)``.
 
-    ``weights_path`` is a resolved weights file (see ``pipelines.weights``) or
+    ``weights_path`` is a resolved weights file (see ``pipelines.backbones.weights``) or
     None for seeded random initialisation. ``dtype_policy`` (e.g.
     ``"mixed_bfloat16"``) sets the compute precision of the backbone layers.
     """
     import keras
 
-    from pipelines import weights as weights_mod
+    from pipelines.backbones import weights as weights_mod
 
     spec = get_spec(name)
     size = check_input_size(spec, input_size)

@@ -49,7 +49,7 @@ from classifiers.workers import FoldWorker
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-class SearchError(RuntimeError):
+class TuningError(RuntimeError):
     """A search produced no completed trial; the message gives the failure reasons."""
 
 
@@ -93,8 +93,8 @@ def study_name(table_key: str, head: str, objective: Objective, *, cv: int, seed
 
 
 @dataclass
-class SearchResult:
-    """What :func:`run_search` found for one head."""
+class TuningResult:
+    """What :func:`tune_head` found for one head."""
 
     head: str
     params: dict[str, Any]
@@ -186,12 +186,12 @@ def head_fixed_params(head: str, fixed: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fixed.items() if k in accepted}
 
 
-def run_search(head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
+def tune_head(head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
                folds: list[Fold], *, objective: Objective, n_trials: int = 20,
                timeout: float | None = None, seed: int = 0,
                fixed_params: Mapping[str, Any] | None = None,
                storage: None | str | optuna.storages.BaseStorage = None,
-               study_name: str | None = None, search: bool = True) -> SearchResult:
+               study_name: str | None = None, search: bool = True) -> TuningResult:
     """Tune head ``head`` on ``X (n_rows, n_features)`` with the given folds.
 
     ``y (n_rows,)`` are the labels (class weights name them); ``groups`` the
@@ -206,16 +206,16 @@ def run_search(head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
     if not search:
         started = time.perf_counter()
         value, oof = problem.cross_validate(fixed)
-        return SearchResult(head, fixed, value, oof, n_complete=1,
+        return TuningResult(head, fixed, value, oof, n_complete=1,
                             trial_seconds=[time.perf_counter() - started])
-    search_ = _Search(problem, fixed, storage, study_name, seed)
+    search_ = _Tuning(problem, fixed, storage, study_name, seed)
     if not search_.spec.uses_keras:
         return search_.run(n_trials, timeout)
     with FoldWorker(X, np.asarray(y), groups) as search_.worker:
         return search_.run(n_trials, timeout)
 
 
-class _Search:
+class _Tuning:
     """Runs one study; keeps the best out-of-fold predictions computed in this process."""
 
     def __init__(self, problem: _Problem, fixed: dict, storage, name: str | None, seed: int):
@@ -246,7 +246,7 @@ class _Search:
             self.best = (trial.number, value, oof)
         return value
 
-    def run(self, n_trials: int, timeout: float | None) -> SearchResult:
+    def run(self, n_trials: int, timeout: float | None) -> TuningResult:
         self.resumed = done = self._count(FINISHED)
         # Reseed past the trials already done, so a resumed search does not
         # replay the random start-up suggestions of the first run.
@@ -262,12 +262,12 @@ class _Search:
     def _count(self, states) -> int:
         return len(self.study.get_trials(deepcopy=False, states=states))
 
-    def _result(self) -> SearchResult:
+    def _result(self) -> TuningResult:
         fails = [t.user_attrs.get("fail_reason", "no reason recorded")
                  for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
         if not self._count((TrialState.COMPLETE,)):
             listing = "; ".join(sorted(set(fails))[:5]) or "no trial finished"
-            raise SearchError(f"Search of head {self.problem.head!r} (study "
+            raise TuningError(f"Search of head {self.problem.head!r} (study "
                               f"{self.study.study_name}) has no completed trial: {listing}.")
         best = self.study.best_trial
         params = {**best.params, **self.fixed}
@@ -277,7 +277,7 @@ class _Search:
             # The best trial ran in an earlier process: recompute its predictions
             # (the folds and the head's seed make them the same).
             _, oof = self.problem.cross_validate(params, worker=self.worker)
-        return SearchResult(
+        return TuningResult(
             self.problem.head, params, float(best.value), oof, self.study.study_name,
             n_complete=self._count((TrialState.COMPLETE,)),
             n_pruned=self._count((TrialState.PRUNED,)), n_failed=len(fails),

@@ -36,12 +36,12 @@ from classifiers.cv import grouped_folds
 from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_report,
                                  make_objective, recall_floor_threshold)
 from classifiers.registry import create_head, get_head_spec, list_heads
-from classifiers.search import SearchResult, run_search, study_name
+from classifiers.tuning import TuningResult, tune_head, study_name
 from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
 from featurestore._io import atomic_write
 from featurestore.views import View, ViewStore, apply_view
-from pipelines.leaderboard import format_leaderboard, update_leaderboard
-from pipelines.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, save_model
+from pipelines.heads.leaderboard import format_leaderboard, update_leaderboard
+from pipelines.heads.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, save_model
 
 SEARCHES = ("optuna", "none")
 OPTUNA_FILE = "optuna.sqlite"
@@ -92,7 +92,7 @@ class HeadResult:
     """Outcome of one head."""
 
     head: str
-    search: SearchResult
+    search: TuningResult
     threshold: float | None
     metrics: dict | None
     """Held-out evaluation (``classifiers.metrics.evaluation_report``); None without rows."""
@@ -192,7 +192,7 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
     rows = []
     for head in config.heads:
         started = time.perf_counter()
-        search = run_search(
+        search = tune_head(
             head, X, y, groups, folds, objective=objective,
             n_trials=config.n_trials, timeout=config.timeout, seed=config.seed,
             fixed_params=fixed, storage=storage, search=config.search == "optuna",
@@ -226,7 +226,7 @@ def _held_out(reader: TableReader, wanted: str | None, view: View | None = None,
     return None, None
 
 
-def _finish_head(store, lineage, head, search: SearchResult, objective, classes, train,
+def _finish_head(store, lineage, head, search: TuningResult, objective, classes, train,
                  held_out, config, view: View | None = None) -> HeadResult:
     """Threshold from OOF predictions, refit on all train rows, evaluate, save."""
     X, y, groups, y_enc, ids, fold_of = train

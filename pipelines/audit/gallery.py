@@ -95,4 +95,4 @@ def write_gallery(out_dir: Path, store: Store, suspects: pd.DataFrame, rows: pd.
         items.append({**suspect._asdict(), "thumb": thumb(suspect.image_id),
                       "same": neighbours(same[0][j], same[1][j]),
                       "other": neighbours(other[0][j], other[1][j])})
-    return render_page(out_dir, "audit.html", suspects=items, **context)
+    return render_page(out_dir, "pipelines.audit", "audit.html", suspects=items, **context)

@@ -1,0 +1,7 @@
+"""The static HTML report (``featurestore report``).
+
+:mod:`~pipelines.report.data` gathers, :mod:`~pipelines.report.compare` pairs rows,
+:mod:`~pipelines.report.figures` and :mod:`~pipelines.report.map` draw,
+:mod:`~pipelines.report.sections` builds template contexts, and
+:mod:`~pipelines.report.run` lays out ``templates/report.html``.
+"""
