@@ -20,13 +20,14 @@ import numpy as np
 
 from featurestore._io import atomic_write, atomic_write_text
 from featurestore.errors import FeatureStoreError
+from featurestore.paths import INDEX_DIR
 from featurestore.reader import TableReader
 from featurestore.similarity import Neighbours, check_metric, exact_search, normalize_rows
 
 KINDS = ("exact", "hnsw")
 #: ``kind="auto"`` builds an exact index below this many rows, HNSW above.
 AUTO_HNSW_ROWS = 1_000_000
-INDEX_DIR = "index"
+
 _BUILD_BATCH_ROWS = 16384
 
 

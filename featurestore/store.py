@@ -1,10 +1,7 @@
 """The store: one folder holding a dataset manifest and any number of feature tables.
 
-::
-
-    STORE/
-      manifest.sqlite          images, labels, splits, rejected files (``featurestore scan``)
-      tables/<key>/            one folder per lineage (see featurestore.writer)
+Every name inside it is owned by :mod:`featurestore.paths`: ``store.paths.leaderboard``,
+``store.paths.models_of(key)``, ...
 """
 
 from __future__ import annotations
@@ -18,11 +15,9 @@ from featurestore.errors import (AmbiguousTableError, FeatureStoreError, TableNo
 from featurestore.lineage import Lineage, parse_query
 from featurestore.reader import TableReader
 from featurestore.commit import commit_pending
-from featurestore.tablefiles import LINEAGE_FILE, read_table_lineage, table_formats
+from featurestore.paths import LINEAGE_FILE, MANIFEST_FILE, TABLES_DIR, StorePaths, table_pending
+from featurestore.tablefiles import read_table_lineage, table_formats
 from featurestore.writer import TableWriter
-
-TABLES_DIR = "tables"
-MANIFEST_FILE = "manifest.sqlite"
 
 TableQuery = str | Mapping[str, Any] | Lineage
 
@@ -59,14 +54,16 @@ class Store:
             if not create:
                 raise FeatureStoreError(f"No store at {self.root}.")
             self.root.mkdir(parents=True)
+        self.paths = StorePaths(self.root)
+        """Every file and folder of the store (:class:`featurestore.paths.StorePaths`)."""
 
     @property
     def tables_dir(self) -> Path:
-        return self.root / TABLES_DIR
+        return self.paths.tables
 
     @property
     def manifest_path(self) -> Path:
-        return self.root / MANIFEST_FILE
+        return self.paths.manifest
 
     def manifest(self):
         """The dataset manifest (:class:`featurestore.manifest.Manifest`)."""
@@ -80,7 +77,7 @@ class Store:
 
     # -- tables -------------------------------------------------------------
     def table_dir(self, lineage: Lineage) -> Path:
-        return self.tables_dir / lineage.key
+        return self.paths.table(lineage.key)
 
     def lineages(self) -> list[Lineage]:
         """Lineage of every table in the store, sorted by key."""
@@ -145,7 +142,7 @@ class Store:
             with TableReader(table_dir, format=formats[0]) as reader:
                 rows, dimension = len(reader), reader.dimension
         size = sum(p.stat().st_size for p in table_dir.rglob("*") if p.is_file())
-        pending = table_dir / "pending"
+        pending = table_pending(table_dir)
         writers = tuple(sorted(p.name for p in pending.iterdir())) if pending.is_dir() else ()
         return TableInfo(lineage.key, lineage, formats, rows, dimension, size, writers)
 

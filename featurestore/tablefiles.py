@@ -16,10 +16,8 @@ from featurestore.formats import FORMATS, get_format
 from featurestore.formats.base import part_name
 from featurestore.formats.hdf5 import HDF5Format
 from featurestore.lineage import Lineage
+from featurestore.paths import LINEAGE_FILE, PENDING_DIR  # noqa: F401  (PENDING_DIR re-exported)
 from featurestore.rows import Rows
-
-LINEAGE_FILE = "lineage.json"
-PENDING_DIR = "pending"
 
 
 def read_table_lineage(table_dir: Path) -> Lineage:
