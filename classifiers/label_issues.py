@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featurestore.errors import FeatureStoreError
+from classifiers.errors import ClassifierError
 
 METHODS = ("cleanlab", "threshold")
 
@@ -58,11 +58,11 @@ def rank_label_issues(labels: np.ndarray, pred_probs: np.ndarray, *, method: str
     labels = np.asarray(labels, dtype=np.int64)
     pred_probs = np.asarray(pred_probs, dtype=np.float64)
     if method not in METHODS:
-        raise FeatureStoreError(f"Unknown audit method {method!r}. Available: "
-                                f"{', '.join(METHODS)}.")
+        raise ClassifierError(f"Unknown audit method {method!r}. Available: "
+                              f"{', '.join(METHODS)}.")
     if pred_probs.ndim != 2 or len(pred_probs) != len(labels):
-        raise FeatureStoreError(f"pred_probs must be (n_rows, n_classes) with n_rows = "
-                                f"{len(labels)}; got shape {pred_probs.shape}.")
+        raise ClassifierError(f"pred_probs must be (n_rows, n_classes) with n_rows = "
+                              f"{len(labels)}; got shape {pred_probs.shape}.")
     from cleanlab.rank import get_label_quality_scores  # heavy import, only needed here
 
     score = get_label_quality_scores(labels, pred_probs, method="self_confidence")
@@ -82,8 +82,8 @@ def _confident_learning(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarra
     from cleanlab.filter import find_label_issues
 
     if len(np.unique(labels)) < 2:
-        raise FeatureStoreError("Confident learning needs at least two classes among the "
-                                "given labels.")
+        raise ClassifierError("Confident learning needs at least two classes among the "
+                              "given labels.")
     # n_jobs=1: cleanlab's default forks one process per core, which costs more than
     # it saves at audit sizes (thousands of rows) and competes with other jobs.
     return find_label_issues(labels, pred_probs, filter_by="prune_by_noise_rate", n_jobs=1)
@@ -91,10 +91,10 @@ def _confident_learning(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarra
 
 def _threshold_rule(labels, pred_probs, below, above) -> np.ndarray:
     if below is None and above is None:
-        raise FeatureStoreError("The threshold method needs below and/or above; got neither.")
+        raise ClassifierError("The threshold method needs below and/or above; got neither.")
     for name, value in (("below", below), ("above", above)):
         if value is not None and not 0 <= value <= 1:
-            raise FeatureStoreError(f"{name} must be a probability in [0, 1]; got {value}.")
+            raise ClassifierError(f"{name} must be a probability in [0, 1]; got {value}.")
     given = pred_probs[np.arange(len(labels)), labels]
     flagged = np.zeros(len(labels), dtype=bool)
     if below is not None:

@@ -19,13 +19,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from featurestore.errors import FeatureStoreError
+from classifiers.errors import ClassifierError
 
 #: ``search_space(trial) -> dict`` of constructor parameters for one Optuna trial.
 SearchSpace = Callable[[Any], dict[str, Any]]
 
 
-class UnknownHeadError(FeatureStoreError, ValueError):
+class UnknownHeadError(ClassifierError, ValueError):
     """The head name is not in the registry; the message lists the known names."""
 
 
@@ -60,7 +60,7 @@ def register_head(name: str, *, search_space: SearchSpace, description: str = ""
 
     def decorate(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
-            raise FeatureStoreError(
+            raise ClassifierError(
                 f"Head name {name!r} is already registered by {_REGISTRY[name].cls.__name__}.")
         _REGISTRY[name] = HeadSpec(name, cls, search_space, description or _first_line(cls),
                                    dict(test_params or {}), dict(expected_failed_checks or {}),
@@ -103,7 +103,7 @@ def create_head(name: str, **params: Any):
     try:
         return spec.cls(**params)
     except TypeError as err:
-        raise FeatureStoreError(
+        raise ClassifierError(
             f"Bad parameters for head {name!r}: {err}. Allowed: "
             f"{', '.join(sorted(spec.cls().get_params()))}.") from err
 

@@ -33,6 +33,7 @@ import click
 import numpy as np
 import pandas as pd
 
+from classifiers.errors import ClassifierError
 from classifiers.label_issues import METHODS, rank_label_issues
 from featurestore import FeatureStoreError, Store
 from featurestore._io import atomic_write, atomic_write_text
@@ -301,5 +302,5 @@ def command(store, table, heads, list_views, **options):
     try:
         run_audit_labels(AuditLabelsConfig(store=store, table=table, heads=names, **options),
                          echo=click.echo)
-    except (FeatureStoreError, ValueError) as err:
+    except (FeatureStoreError, ClassifierError, ValueError) as err:
         raise click.ClickException(str(err)) from err

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from classifiers.cv import grouped_folds
+from classifiers.errors import ClassifierError
 from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_report,
                                  make_objective, recall_floor_threshold)
 from classifiers.registry import create_head, get_head_spec, list_heads
@@ -388,7 +389,7 @@ def command(store, table, heads, search, n_trials, timeout, cv, metric, positive
         storage=storage, n_jobs=n_jobs, seed=seed, eval_split=eval_split, view=view)
     try:
         result = run_fit_heads(config, echo=click.echo)
-    except (FeatureStoreError, ValueError) as err:
+    except (FeatureStoreError, ClassifierError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     click.echo("\nLeaderboard (" + str(Path(store) / "leaderboard.parquet") + "):")
     click.echo(format_leaderboard(result.leaderboard))

@@ -42,6 +42,7 @@ import pandas as pd
 from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from classifiers.errors import ClassifierError
 from classifiers.metrics import decide
 from featurestore import FeatureStoreError, Lineage, LineageMismatchError, Store, TableReader
 from featurestore._io import atomic_write
@@ -428,7 +429,7 @@ def command(inputs, store, model, out, weights, recompute, batch_size, workers, 
                            workers=workers, progress=not quiet)
     try:
         result = run_predict(config, echo=click.echo)
-    except (FeatureStoreError, ValueError) as err:
+    except (FeatureStoreError, ClassifierError, ValueError) as err:
         raise _CommandFailed(str(err)) from err
     click.echo(result.summary())
     raise SystemExit(result.exit_code)
