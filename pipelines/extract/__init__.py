@@ -10,3 +10,13 @@ Reader -> mapper -> writer, one module each:
 * :mod:`~pipelines.extract.featurize`: features of new files with a table's own recipe;
 * :mod:`~pipelines.extract.run`: ``run_extract(ExtractConfig(...))`` and the CLI command.
 """
+
+from pipelines._exports import lazy_exports
+
+_EXPORTS = {
+    "ExtractConfig": "run",
+    "ExtractResult": "run",
+    "run_extract": "run",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,3 +5,16 @@
 * :mod:`~pipelines.heads.leaderboard`: every head on every table, compared;
 * :mod:`~pipelines.heads.predict`: ``featurestore predict``, new images through a saved head.
 """
+
+from pipelines._exports import lazy_exports
+
+_EXPORTS = {
+    "FitHeadsConfig": "fit",
+    "run_fit_heads": "fit",
+    "PredictConfig": "predict",
+    "run_predict": "predict",
+    "load_model": "models",
+    "resolve_model_name": "models",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

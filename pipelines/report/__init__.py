@@ -5,3 +5,12 @@
 :mod:`~pipelines.report.sections` builds template contexts, and
 :mod:`~pipelines.report.run` lays out ``templates/report.html``.
 """
+
+from pipelines._exports import lazy_exports
+
+_EXPORTS = {
+    "ReportConfig": "run",
+    "run_report": "run",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
