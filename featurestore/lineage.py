@@ -1,8 +1,12 @@
 """Lineage: the recipe that computed a feature table, and the key derived from it.
 
 Two tables computed differently (another backbone, weights file, pooling, input
-size, preprocessing, augmentation or library version) always get different
-keys, so their rows can never land in one table.
+size, preprocessing, augmentation, precision, runtime or library version) always
+get different keys, so their rows can never land in one table.
+
+The key hashes :meth:`Lineage.to_json`, which leaves out fields that still hold
+the value every table had before the field existed (``precision="float32"``,
+``runtime="keras"``), so adding a field never renames an existing table.
 """
 
 from __future__ import annotations
@@ -18,8 +22,20 @@ from featurestore.errors import FeatureStoreError
 
 #: Fields a lineage query may name, and the shorthand order of "a/b/c" queries.
 QUERY_FIELDS = ("backbone", "pool", "input_size", "weights", "weights_sha256",
-                "preprocessing", "augmentation", "key")
+                "preprocessing", "augmentation", "precision", "runtime", "key")
 _POSITIONAL = ("backbone", "pool", "input_size")
+
+#: The one spelling of "this table has no augmented views" (``augmentation=none``).
+#: Not ``raw``: every table has raw rows (``aug_id == 0``, the reader's ``aug="raw"``),
+#: augmented tables too, and ``none`` is what queries have always accepted.
+NO_AUGMENTATION = "none"
+DEFAULT_PRECISION = "float32"
+DEFAULT_RUNTIME = "keras"
+#: Fields left out of the hashed form while they hold these values: tables written
+#: before the field existed computed exactly that, and keep their keys.
+_HASHED_UNLESS = {"precision": DEFAULT_PRECISION, "runtime": DEFAULT_RUNTIME}
+#: Where tables written before ``precision`` was a field recorded a non-float32 one.
+_OLD_PRECISION_KEY = "compute_dtype"
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,16 @@ class Lineage:
     """Augmentation spec (preset, views, seed, splits); ``None`` when raw only."""
     library_versions: Mapping[str, str] = field(default_factory=dict)
     """Versions of the libraries that computed the features."""
+    precision: str = DEFAULT_PRECISION
+    """Compute precision of the backbone: ``float32`` or ``bfloat16``. Tables written
+    before this field existed record a non-float32 one as ``library_versions["compute_dtype"]``,
+    which is read as the precision (and, being hashed already, keeps their key)."""
+    runtime: str = DEFAULT_RUNTIME
+    """What ran the backbone: ``keras`` (the Keras backend's graph), or another runtime."""
+    max_pixels: int | None = field(default=None, compare=False)
+    """Largest image (in pixels) the run that created the table decoded; ``None``: the
+    default. A limit on which files are read, not on their features: never hashed,
+    never compared, so raising it for one huge scan does not start another table."""
 
     def __post_init__(self):
         size = self.input_size
@@ -59,7 +85,7 @@ class Lineage:
         if len(self.input_size) != 2:
             raise FeatureStoreError(
                 f"Lineage input_size must be (height, width); got {self.input_size!r}.")
-        for name in ("backbone", "weights", "pool", "preprocessing"):
+        for name in ("backbone", "weights", "pool", "preprocessing", "precision", "runtime"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise FeatureStoreError(
                     f"Lineage field {name!r} must be a non-empty string; "
@@ -68,16 +94,46 @@ class Lineage:
             object.__setattr__(self, "augmentation", dict(self.augmentation))
         object.__setattr__(self, "library_versions",
                            {str(k): str(v) for k, v in dict(self.library_versions).items()})
+        self._adopt_old_precision()
+        if self.max_pixels is not None:
+            object.__setattr__(self, "max_pixels", int(self.max_pixels))
+
+    def _adopt_old_precision(self) -> None:
+        recorded = self.library_versions.get(_OLD_PRECISION_KEY)
+        if recorded is None or recorded == self.precision:
+            return
+        if self.precision != DEFAULT_PRECISION:
+            raise FeatureStoreError(
+                f"Lineage precision {self.precision!r} contradicts library_versions"
+                f"[{_OLD_PRECISION_KEY!r}] = {recorded!r}.")
+        object.__setattr__(self, "precision", recorded)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field (``input_size`` as a list)."""
+        """JSON-ready dict of every field (``input_size`` as a list); what lineage.json holds.
+
+        ``max_pixels`` appears only when set.
+        """
         d = dataclasses.asdict(self)
         d["input_size"] = list(self.input_size)
+        if d["max_pixels"] is None:
+            del d["max_pixels"]
         return d
 
     def to_json(self) -> str:
-        """Canonical JSON: sorted keys, no whitespace, so equal lineages hash equal."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON of the hashed fields: sorted keys, no whitespace.
+
+        Left out: ``max_pixels``, and ``precision``/``runtime`` while they hold
+        their defaults (or, for precision, while ``library_versions`` records
+        it), so that a table's key is the one it had before these were fields.
+        """
+        d = self.to_dict()
+        d.pop("max_pixels", None)
+        for name, default in _HASHED_UNLESS.items():
+            if d[name] == default:
+                del d[name]
+        if d.get("precision") == self.library_versions.get(_OLD_PRECISION_KEY):
+            d.pop("precision", None)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Lineage:
@@ -91,6 +147,28 @@ class Lineage:
     @classmethod
     def from_json(cls, text: str) -> Lineage:
         return cls.from_dict(json.loads(text))
+
+    @property
+    def augmentation_preset(self) -> str:
+        """The augmentation preset's name, or :data:`NO_AUGMENTATION`."""
+        if not self.augmentation:
+            return NO_AUGMENTATION
+        return str(self.augmentation.get("preset", NO_AUGMENTATION))
+
+    @property
+    def name(self) -> str:
+        """How a table is shown: ``densenet121/max/224``, plus ``+<preset>`` when augmented
+        and ``@<precision>`` when not float32; also a query that finds the table.
+
+        Not unique (weights, views and seed are left out): the key is.
+        """
+        h, w = self.input_size
+        name = f"{self.backbone}/{self.pool}/{h if h == w else f'{h}x{w}'}"
+        if self.augmentation:
+            name += f"+{self.augmentation_preset}"
+        if self.precision != DEFAULT_PRECISION:
+            name += f"@{self.precision}"
+        return name
 
     @property
     def key(self) -> str:
@@ -110,8 +188,7 @@ class Lineage:
                 if self.input_size != _parse_size(wanted):
                     return False
             elif name == "augmentation":
-                preset = (self.augmentation or {}).get("preset", "none")
-                if str(wanted) not in (str(preset), "any"):
+                if str(wanted) not in (self.augmentation_preset, "any"):
                     return False
             elif str(getattr(self, name)) != str(wanted):
                 return False
@@ -120,6 +197,8 @@ class Lineage:
     def diff(self, other: Lineage) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ, as ``{field: (self_value, other_value)}``."""
         a, b = self.to_dict(), other.to_dict()
+        a.pop("max_pixels", None)
+        b.pop("max_pixels", None)
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
 
@@ -127,8 +206,10 @@ def parse_query(query: str | Mapping[str, Any]) -> dict[str, Any]:
     """Turn a table query into a ``{field: value}`` dict.
 
     Accepted forms: a mapping; ``"backbone=densenet121,pool=max"``;
-    ``"densenet121/max"`` or ``"densenet121/max/224"`` (backbone/pool/input size);
-    or a table key or key prefix such as ``"densenet121-max-224-1a2b"``.
+    ``"densenet121/max"`` or ``"densenet121/max/224"`` (backbone/pool/input size),
+    optionally followed by ``+<preset>`` and ``@<precision>`` as in
+    :attr:`Lineage.name`; or a table key or key prefix such as
+    ``"densenet121-max-224-1a2b"``.
     """
     if isinstance(query, Mapping):
         items = dict(query)
@@ -145,11 +226,7 @@ def parse_query(query: str | Mapping[str, Any]) -> dict[str, Any]:
                         f"Cannot parse {part!r} in table query {text!r}; expected field=value.")
                 items[name.strip()] = value.strip()
         elif "/" in text:
-            values = [v for v in text.split("/")]
-            if len(values) > len(_POSITIONAL) or not all(values):
-                raise FeatureStoreError(
-                    f"Cannot parse table query {text!r}; expected backbone/pool[/input_size].")
-            items = dict(zip(_POSITIONAL, values))
+            items = _parse_name(text)
         else:
             items = {"key": text}
     unknown = set(items) - set(QUERY_FIELDS)
@@ -157,6 +234,24 @@ def parse_query(query: str | Mapping[str, Any]) -> dict[str, Any]:
         raise FeatureStoreError(
             f"Unknown field(s) {sorted(unknown)} in table query; "
             f"allowed: {', '.join(QUERY_FIELDS)}.")
+    return items
+
+
+def _parse_name(text: str) -> dict[str, str]:
+    """``backbone/pool[/input_size][+preset][@precision]`` -> query fields."""
+    rest, at, precision = text.partition("@")
+    rest, plus, preset = rest.partition("+")
+    values = rest.split("/")
+    if len(values) > len(_POSITIONAL) or not all(values) or (at and not precision) \
+            or (plus and not preset):
+        raise FeatureStoreError(
+            f"Cannot parse table query {text!r}; expected "
+            f"backbone/pool[/input_size][+augmentation][@precision].")
+    items = dict(zip(_POSITIONAL, values))
+    if plus:
+        items["augmentation"] = preset
+    if at:
+        items["precision"] = precision
     return items
 
 
