@@ -9,7 +9,7 @@ from pathlib import Path
 
 from featurestore._io import remove_tmp_files
 from featurestore.errors import LineageMismatchError, WriterLockedError
-from featurestore.formats import get_format
+from featurestore.formats import DEFAULT_FORMAT, get_format
 from featurestore.lineage import Lineage
 from featurestore.locking import HeldLock
 from featurestore.tablefiles import PENDING_DIR, read_committed_part, table_formats
@@ -27,7 +27,7 @@ def commit_pending(table_dir: Path, lineage: Lineage, *, consolidate: bool = Tru
     pending_root = table_dir / PENDING_DIR
     pendings = sorted(p for p in pending_root.glob("*") if p.is_dir())
     formats = table_formats(table_dir) + [f for p in pendings for f in table_formats(p)]
-    with TableWriter(table_dir, lineage, list(dict.fromkeys(formats)) or ["hdf5"],
+    with TableWriter(table_dir, lineage, list(dict.fromkeys(formats)) or [DEFAULT_FORMAT],
                      consolidate=consolidate) as writer:
         for pending in pendings:
             lock = HeldLock(pending / ".lock", f"Part writer {pending.name!r}")

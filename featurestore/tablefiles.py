@@ -14,7 +14,6 @@ from featurestore._io import atomic_write, atomic_write_text
 from featurestore.errors import FeatureStoreError, LineageMismatchError
 from featurestore.formats import FORMATS, get_format
 from featurestore.formats.base import part_name
-from featurestore.formats.hdf5 import HDF5Format
 from featurestore.lineage import Lineage
 from featurestore.paths import LINEAGE_FILE, PENDING_DIR  # noqa: F401  (PENDING_DIR re-exported)
 from featurestore.rows import Rows
@@ -72,10 +71,9 @@ def read_committed_part(data_dir: Path, formats: Iterable[str], seq: int) -> Row
         path = data_dir / name / part_name(seq, fmt.suffix)
         if path.exists():
             return fmt.read_part(path)
-        if isinstance(fmt, HDF5Format):
-            rows = fmt.absorbed_rows(data_dir / name, seq)
-            if rows is not None:
-                return rows
+        rows = fmt.absorbed_rows(data_dir / name, seq)
+        if rows is not None:
+            return rows
     raise FeatureStoreError(f"Part {seq} of {data_dir} is in none of the formats {list(formats)}.")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.errors import FeatureStoreError, LineageMismatchError
-from featurestore.formats import FORMATS, get_format
+from featurestore.formats import DEFAULT_FORMAT, FORMATS, get_format
 from featurestore.lineage import Lineage
 from featurestore.locking import HeldLock
 from featurestore.rows import Rows
@@ -60,9 +60,9 @@ class TableWriter:
         Fold HDF5 parts into the single ``features.h5`` on close.
     """
 
-    def __init__(self, table_dir: Path, lineage: Lineage, formats: Sequence[str] = ("hdf5",), *,
-                 writer_id: str | None = None, rows_per_part: int = 4096,
-                 consolidate: bool = True):
+    def __init__(self, table_dir: Path, lineage: Lineage,
+                 formats: Sequence[str] = (DEFAULT_FORMAT,), *, writer_id: str | None = None,
+                 rows_per_part: int = 4096, consolidate: bool = True):
         if not formats:
             raise FeatureStoreError(f"formats must name at least one of {', '.join(FORMATS)}.")
         for name in formats:

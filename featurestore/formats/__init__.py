@@ -11,8 +11,12 @@ from featurestore.formats.base import Segment, TableFormat
 from featurestore.formats.hdf5 import HDF5Format
 from featurestore.formats.parquet import ParquetFormat
 
-#: Registry of formats by the name the CLI and API accept.
+#: Registry of formats by the name the CLI and API accept, in the order a reader
+#: prefers them when a table has several (HDF5's single file reads fastest in full).
 FORMATS: dict[str, TableFormat] = {f.name: f for f in (HDF5Format(), ParquetFormat())}
+
+#: What a writer writes unless told otherwise: the format readers prefer.
+DEFAULT_FORMAT: str = next(iter(FORMATS))
 
 
 def get_format(name: str) -> TableFormat:
@@ -24,4 +28,4 @@ def get_format(name: str) -> TableFormat:
             f"Unknown table format {name!r}. Available: {', '.join(FORMATS)}.") from None
 
 
-__all__ = ["FORMATS", "get_format", "Segment", "TableFormat"]
+__all__ = ["DEFAULT_FORMAT", "FORMATS", "get_format", "Segment", "TableFormat"]

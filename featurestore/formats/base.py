@@ -102,6 +102,13 @@ class TableFormat:
         """A consistent snapshot of the committed rows, in commit order."""
         raise NotImplementedError
 
+    def absorbed_rows(self, directory: Path, seq: int) -> Rows | None:
+        """Rows that part ``seq`` left in the single-file form after its part file went.
+
+        ``None`` when the part was never folded in, or the format has no single-file form.
+        """
+        return None
+
     def consolidate(self, directory: Path, lineage: Lineage) -> None:
         """Fold committed parts into the format's single-file form, if it has one."""
 
