@@ -1,10 +1,12 @@
 """Batch loader: order, fixed shapes with padding, per-file errors, bounded prefetch."""
 
+import dataclasses
 import threading
 
 import numpy as np
 import pytest
 
+from featurestore.scan import hash_file
 from pipelines.extract import loader
 from pipelines.extract.augment import apply_augmentation, view_params
 from pipelines.backbones.registry import preprocess
@@ -14,8 +16,15 @@ from tests.image_zoo import broken_zoo, image_folder
 
 
 def tasks_for(paths, aug_ids=(0,)):
-    return [ImageTask(image_id=f"{i:064x}", path=p.name, file=str(p), label="a",
-                      split="train", aug_ids=tuple(aug_ids)) for i, p in enumerate(paths)]
+    return [ImageTask(image_id=_image_id(p), path=p.name, file=str(p), label="a",
+                      split="train", aug_ids=tuple(aug_ids)) for p in paths]
+
+
+def _image_id(path):
+    try:
+        return hash_file(path)
+    except OSError:  # the broken zoo's missing files: the loader reports them
+        return "0" * 64
 
 
 @pytest.fixture
@@ -78,3 +87,18 @@ def test_prefetch_is_bounded(paths, monkeypatch):
 def test_batch_size_must_be_positive(paths):
     with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
         next(iter_batches(tasks_for(paths), ViewRecipe(size=32, preprocessing="raw"), batch_size=0))
+
+
+def test_bytes_that_no_longer_hash_to_the_id_are_refused_not_decoded(tmp_path, paths):
+    recipe = ViewRecipe(size=32, preprocessing="raw")
+    task, other = tasks_for(paths[:2])
+    rewritten = tmp_path / "rewritten.png"
+    rewritten.write_bytes(paths[1].read_bytes())  # another image's bytes under task's id
+    stale = dataclasses.replace(task, file=str(rewritten), size_bytes=paths[0].stat().st_size)
+    batches = list(iter_batches([stale, other], recipe, batch_size=2, workers=2))
+    assert [r.image_id for b in batches for r in b.rows] == [other.image_id]
+    ((path, image_id, reason),) = [e for b in batches for e in b.errors]
+    assert (path, image_id) == (task.path, task.image_id)
+    assert reason.startswith(f"changed since scan ({paths[0].stat().st_size} -> "
+                             f"{paths[1].stat().st_size} bytes)")
+    assert reason.endswith("rerun featurestore scan")

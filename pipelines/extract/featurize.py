@@ -75,12 +75,18 @@ def iter_feature_batches(files: Iterable[tuple[str | Path, str]], lineage: Linea
                          on_ready: Callable[[], None] | None = None) -> Iterator[FeatureBatch]:
     """Features of ``(path, image_id)`` pairs, one :class:`FeatureBatch` per engine batch.
 
+    ``image_id`` is the SHA-256 of the file (``hash_file``); a file whose bytes
+    no longer hash to it when decoded is reported in ``errors``, never featurized.
     ``settings`` come from :func:`engine_settings_for` (so the weights were
     checked before this is called); ``workers > 1`` runs pinned worker
     processes (see :func:`pipelines.engine.run_engine`).
     """
+    # The engine checks that the bytes it decodes still hash to image_id, so a file
+    # rewritten since it was hashed fails alone instead of scoring under the old id.
     tasks = (ImageTask(image_id=image_id, path=str(path), file=str(path), label="", split="",
-                       aug_ids=(0,)) for path, image_id in files)
+                       aug_ids=(0,), hashed_at="it was hashed",
+                       rehash_hint="rerun to use its new bytes")
+             for path, image_id in files)
     for result in run_engine(settings, tasks, workers=workers, on_ready=on_ready):
         if result.rows:
             X = result.features[lineage.pool]

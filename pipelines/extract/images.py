@@ -16,10 +16,15 @@
 Every failure raises ``ImageDecodeError`` with a short ``reason`` ("empty
 file", "truncated image", "not an image", ...) that the extract stage stores in
 its errors table; the run goes on.
+
+``read_image_file(path)`` and ``decode_image(data, size)`` are the two halves
+of ``load_image``: a caller that must know which bytes were decoded (the image
+id is their SHA-256) reads once, hashes, and decodes the same bytes.
 """
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -61,13 +66,40 @@ def load_image(
     Returns float32 ``(height, width, 3)`` RGB in 0..255. The aspect ratio is
     not kept, as in ``keras.utils.load_img(target_size=...)``.
     """
-    if interpolation not in _RESAMPLE:
-        raise ValueError(
-            f"interpolation must be one of {', '.join(_RESAMPLE)}; got {interpolation!r}."
-        )
+    _check_interpolation(interpolation)
+    return decode_image(read_image_file(path), size, path=path, interpolation=interpolation,
+                        max_pixels=max_pixels)
+
+
+def read_image_file(path: str) -> bytes:
+    """The bytes of ``path``; ``ImageDecodeError`` for missing, unreadable or empty files."""
     _check_file(path)
     try:
-        with Image.open(path) as img:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError as err:
+        raise ImageDecodeError(path, "file not found") from err
+    except PermissionError as err:
+        raise ImageDecodeError(path, "permission denied") from err
+    except OSError as err:  # EIO, EISDIR, ...: this file fails, the run goes on
+        raise ImageDecodeError(path, f"cannot read: {err.strerror or err}") from err
+    if not data:
+        raise ImageDecodeError(path, "empty file")
+    return data
+
+
+def decode_image(
+    data: bytes,
+    size: tuple[int, int],
+    *,
+    path: str = "<bytes>",
+    interpolation: str = "bilinear",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode the encoded image ``data`` as :func:`load_image` does; ``path`` names it in errors."""
+    _check_interpolation(interpolation)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
             _check_pixels(path, img, max_pixels)
             _draft(img, size)
             img.load()
@@ -77,6 +109,13 @@ def load_image(
         raise
     except Exception as err:  # Pillow raises many types; each file fails alone
         raise ImageDecodeError(path, _reason(err)) from err
+
+
+def _check_interpolation(interpolation: str) -> None:
+    if interpolation not in _RESAMPLE:
+        raise ValueError(
+            f"interpolation must be one of {', '.join(_RESAMPLE)}; got {interpolation!r}."
+        )
 
 
 def _check_file(path: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
 import os
 from typing import Iterable, Iterator
 
@@ -27,7 +28,8 @@ import numpy as np
 
 from pipelines.extract.augment import apply_augmentation, params_to_json, view_params
 from pipelines.backbones.registry import preprocess
-from pipelines.extract.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from pipelines.extract.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image,
+                                      read_image_file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,7 @@ class ImageTask:
     """One image to decode and the views of it that are still missing."""
 
     image_id: str
+    """SHA-256 of the file's bytes when they were hashed (by the scan, or by predict)."""
     path: str
     """Path as recorded in the manifest (stored in the feature table)."""
     file: str
@@ -43,7 +46,11 @@ class ImageTask:
     split: str
     aug_ids: tuple[int, ...]
     size_bytes: int | None = None
-    """File size recorded by the scan; a different size means the file changed."""
+    """File size recorded by the scan (named in the reason when the file changed)."""
+    hashed_at: str = "scan"
+    """When ``image_id`` was computed ("scan"), for the reason of a changed file."""
+    rehash_hint: str = "rerun featurestore scan"
+    """What the user should do when the bytes no longer hash to ``image_id``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +92,13 @@ def decode_views(task: ImageTask, recipe: ViewRecipe) -> list[tuple[ViewRow, np.
     """Decode ``task`` once and build each of its views, preprocessed.
 
     Returns ``[(row, pixels (size, size, 3) float32), ...]`` in ``aug_ids``
-    order; raises ``ImageDecodeError`` when the file cannot be decoded.
+    order; raises ``ImageDecodeError`` when the file cannot be decoded, or when
+    the bytes read no longer hash to ``task.image_id``.
     """
-    _check_unchanged(task)
-    image = load_image(
-        task.file, (recipe.size, recipe.size),
+    data = read_image_file(task.file)
+    _check_unchanged(task, data)
+    image = decode_image(
+        data, (recipe.size, recipe.size), path=task.path,
         interpolation=recipe.interpolation, max_pixels=recipe.max_pixels,
     )
     views = []
@@ -104,19 +113,22 @@ def decode_views(task: ImageTask, recipe: ViewRecipe) -> list[tuple[ViewRow, np.
     return views
 
 
-def _check_unchanged(task: ImageTask) -> None:
-    # Features are keyed by the image_id the scan hashed; a file rewritten since
-    # then would store another image's features under that id.
-    if task.size_bytes is None:
+def _check_unchanged(task: ImageTask, data: bytes) -> None:
+    """Refuse bytes that are not the image ``task.image_id`` names.
+
+    Features are keyed by the id the scan hashed; a file rewritten since then
+    (same size or not) would store another image's features under that id. The
+    bytes hashed here are the ones decoded, so no later write can slip between.
+    The file is reported, not re-keyed: the manifest (path -> id, label, split)
+    belongs to the scan, and a rescan records the new image.
+    """
+    if hashlib.sha256(data).hexdigest() == task.image_id:
         return
-    try:
-        size = os.stat(task.file).st_size
-    except OSError:
-        return  # load_image reports missing or unreadable files with their reason
-    if size != task.size_bytes:
-        raise ImageDecodeError(
-            task.path, f"changed since scan ({task.size_bytes} -> {size} bytes); "
-                       f"rerun featurestore scan")
+    sizes = "same size, other bytes" if task.size_bytes in (None, len(data)) else \
+        f"{task.size_bytes} -> {len(data)} bytes"
+    raise ImageDecodeError(task.path, f"changed since {task.hashed_at} ({sizes}): its SHA-256 "
+                                      f"is no longer {task.image_id[:12]}...; "
+                                      f"{task.rehash_hint}")
 
 
 def default_decode_threads() -> int:
