@@ -121,6 +121,24 @@ def test_near_duplicates_flag_cross_split_pairs(tmp_path):
     assert "2 near-duplicate pairs" in out.output and "1 cross splits (leakage)" in out.output
 
 
+@pytest.mark.parametrize("threshold, allowed", [
+    ("nan", "a finite number > 0"), ("inf", "a finite number > 0"),
+    ("-0.1", "a finite number > 0"), ("0", "a finite number > 0"),
+    ("2.5", "at most 2 for cosine")])
+def test_near_duplicates_refuse_a_threshold_that_cannot_mean_anything(tmp_path, threshold,
+                                                                       allowed):
+    store = Store(tmp_path / "store")
+    with store.writer(make_lineage()) as w:
+        w.append(np.eye(3, 16, dtype=np.float32), image_id=[f"{i:064x}" for i in range(3)])
+    out = CliRunner().invoke(main, ["near-duplicates", "--store", str(store.root), "--table",
+                                    "densenet121/max", "--threshold", threshold])
+    assert out.exit_code == 2, out.output
+    (line,) = out.output.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"Error: threshold must be {allowed}")
+    assert line.endswith(f"got {float(threshold)}.")
+    assert not list(store.root.glob("tables/*/near_duplicates.parquet"))  # nothing written
+
+
 def test_new_query_image_is_extracted_with_the_tables_recipe(tmp_path):
     from PIL import Image, PngImagePlugin
 

@@ -6,6 +6,7 @@ slightly cropped, in train and test inflates every held-out metric.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,7 @@ def run_near_duplicates(config: NearDuplicatesConfig) -> pd.DataFrame:
     then image_id, path, label and split of each side (``_a``, ``_b``). Also
     written to ``STORE/tables/<key>/near_duplicates.parquet``.
     """
-    if config.threshold <= 0:
-        raise FeatureStoreError(f"threshold must be > 0; got {config.threshold}.")
+    _check_threshold(config.threshold, config.metric)
     with Store(config.store, create=False).open(config.table) as reader:
         raw = np.flatnonzero(reader.column("aug_id") == 0)
         pairs = pairs_within(reader.read_features(raw), config.threshold, metric=config.metric)
@@ -53,6 +53,22 @@ def run_near_duplicates(config: NearDuplicatesConfig) -> pd.DataFrame:
     return result
 
 
+def _check_threshold(threshold: float, metric: str) -> None:
+    # NaN passes every comparison unnoticed (it silently matched nothing), and a
+    # cosine threshold above 2 matches every pair: n^2 rows for a large table.
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise FeatureStoreError(f"threshold must be a finite number > 0; got {threshold}.")
+    if metric == "cosine" and threshold > 2:
+        raise FeatureStoreError(f"threshold must be at most 2 for cosine distances (1 - cos "
+                                f"lies in [0, 2]); got {threshold}.")
+
+
+class _CommandFailed(click.ClickException):
+    """Bad input: ``Error: <message>``, exit status 2 (as every command)."""
+
+    exit_code = 2
+
+
 @click.command("near-duplicates")
 @click.option("--store", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--table", required=True, help="Table query, e.g. densenet121/max, or a key.")
@@ -65,7 +81,7 @@ def command(store: Path, table: str, threshold: float, metric: str):
         pairs = run_near_duplicates(NearDuplicatesConfig(store=store, table=table,
                                                          threshold=threshold, metric=metric))
     except FeatureStoreError as err:
-        raise click.ClickException(str(err)) from err
+        raise _CommandFailed(str(err)) from err
     click.echo(f"{len(pairs)} near-duplicate pairs below {threshold} ({metric}); "
                f"{int(pairs['leakage'].sum())} cross splits (leakage), "
                f"{int(pairs['label_conflict'].sum())} with different labels.")
