@@ -24,7 +24,6 @@ that ``clear_session`` does not return; memory stays bounded from trial to trial
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -152,7 +151,7 @@ class _Problem:
 
         oof = cross_val_proba(lambda: create_head(self.head, **params), self.X, self.y,
                               self.groups, self.folds, self.classes, on_fold=on_fold,
-                              after_fold=_clear_keras if spec.uses_keras else None,
+                              after_fold=spec.cls.clear_backend,
                               fit_predict=None if worker is None else
                               lambda fold: worker.fit_predict(self.head, params, fold))
         rows = self.raw_rows()
@@ -171,13 +170,6 @@ def _quiet_optuna():
         yield
     finally:
         optuna.logging.set_verbosity(previous)
-
-
-def _clear_keras() -> None:
-    import keras
-
-    keras.backend.clear_session()
-    gc.collect()
 
 
 def head_fixed_params(head: str, fixed: Mapping[str, Any]) -> dict[str, Any]:

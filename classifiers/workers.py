@@ -38,10 +38,7 @@ def _fit_predict(head: str, params: dict, train: np.ndarray,
     estimator = create_head(head, **params).fit(X[train], y[train], groups=groups[train])
     out = estimator.classes_, estimator.predict_proba(X[test])
     del estimator
-    if get_head_spec(head).uses_keras:
-        import keras
-
-        keras.backend.clear_session()
+    get_head_spec(head).cls.clear_backend()
     gc.collect()
     return out
 

@@ -122,15 +122,15 @@ def test_run_fit_heads_binary_with_recall_floor(store_root):
 
 
 @pytest.mark.parametrize("head", list_heads())
-def test_every_head_saves_and_loads_without_pickle_where_it_can(store_root, head):
+def test_every_head_saves_and_loads_without_pickle(store_root, head):
     X, y = load_digits(return_X_y=True)
     X, y = X[:300].astype(np.float32), y[:300].astype(str)
     params = dict(get_head_spec(head).test_params)
     estimator = create_head(head, **params).fit(X, y)
     folder = save_model(store_root, estimator, head=head, lineage=lineage(), params=params,
                         threshold=None, positive_class=None)
-    expected = {"xgboost": "model.ubj", "keras_dense": "model.keras"}.get(head, "model.joblib")
-    assert (folder / expected).exists()
+    expected = {"xgboost": "model.ubj", "keras_dense": "model.keras"}.get(head, "model.skops")
+    assert (folder / expected).exists() and not list(folder.glob("*.joblib"))
     loaded = load_model(store_root, lineage().key, head, table=lineage())
     np.testing.assert_allclose(loaded.predict_proba(X), estimator.predict_proba(X), atol=1e-6)
     with pytest.raises(LineageMismatchError,
@@ -147,8 +147,8 @@ def test_model_of_another_lineage_or_with_changed_bytes_is_refused(store_root):
     with pytest.raises(LineageMismatchError, match=f"fitted on features of table {lin_max.key}"):
         load_model(store, "digits/max", "logreg", table=store.open("digits/avg"))
     assert load_model(store, "digits/max", "logreg", table=store.open(lin_max)).head == "logreg"
-    pickle_file = store_root / "models" / lin_max.key / "logreg" / "model.joblib"
-    pickle_file.write_bytes(pickle_file.read_bytes() + b"\0")
+    model_file = store_root / "models" / lin_max.key / "logreg" / "model.skops"
+    model_file.write_bytes(model_file.read_bytes() + b"\0")
     with pytest.raises(FeatureStoreError, match="does not match the SHA-256"):
         load_model(store, lin_max.key, "logreg")
     with pytest.raises(FeatureStoreError, match="No model for head 'svm'"):

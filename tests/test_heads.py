@@ -4,7 +4,8 @@ scikit-learn's own estimator checks (``parametrize_with_checks``) run on each
 head with its small, fast ``test_params``; checks a head fails on purpose are
 listed with a reason in its registry entry. Our checks follow: the search space
 is a plain function of a trial, its parameters build a head that learns real
-multiclass and binary digits, class weights move decisions, groups are accepted.
+multiclass and binary digits, class weights move decisions, groups are accepted,
+and every head saves and loads through its own files with identical probabilities.
 """
 
 import numpy as np
@@ -12,9 +13,11 @@ import optuna
 import pytest
 from sklearn.base import clone
 from sklearn.datasets import load_digits
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from classifiers import UnknownHeadError, create_head, get_head_spec, list_heads
+from classifiers import (ClassifierError, UnknownHeadError, create_head, get_head_spec,
+                         list_heads)
 
 HEADS = list_heads()
 
@@ -88,3 +91,29 @@ def test_binary_groups_and_class_weight(name, digits):
     assert weighted.predict_proba(X)[:, 0].mean() > plain.predict_proba(X)[:, 0].mean() - 1e-9
     with pytest.raises(ValueError, match="class_weight names classes"):
         clone(plain).set_params(class_weight={"nine": 2}).fit(X, y)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_save_load_round_trip_gives_identical_probabilities(name, digits, tmp_path):
+    X, y = digits
+    labels = np.array(["zero", "one", "two"])[y % 3]
+    head = fast_head(name).fit(X[:600], labels[:600])
+    files = head.save(tmp_path)
+    assert files and sorted(files) == sorted(p.name for p in tmp_path.iterdir())
+    assert not any(f.endswith((".joblib", ".pkl", ".pickle")) for f in files)
+    params = get_head_spec(name).cls().get_params() | get_head_spec(name).test_params
+    loaded = type(head).load(tmp_path, files, head.fitted_state(), params)
+    assert type(loaded) is type(head) and list(loaded.classes_) == list(head.classes_)
+    np.testing.assert_array_equal(loaded.predict_proba(X[600:]), head.predict_proba(X[600:]))
+    head.clear()
+    with pytest.raises(NotFittedError):
+        head.predict_proba(X[:2])
+
+
+def test_skops_head_refuses_a_file_of_another_type_naming_it(digits, tmp_path):
+    X, y = digits
+    svm = fast_head("svm").fit(X[:300], y[:300])
+    files = svm.save(tmp_path)
+    LogReg = get_head_spec("logreg").cls
+    with pytest.raises(ClassifierError, match="LinearSVMHead.*does not trust"):
+        LogReg.load(tmp_path, files, svm.fitted_state(), {})

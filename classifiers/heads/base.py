@@ -15,6 +15,7 @@ string form so ``{"1": 3}`` from the command line works on integer labels).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,8 +25,12 @@ from sklearn.utils.class_weight import compute_sample_weight
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from classifiers.errors import ClassifierError
+
 #: Rows predicted per call, bounding the memory of a prediction.
 PREDICT_BATCH = 8192
+#: File of the heads saved through ``skops.io`` (every scikit-learn head).
+SKOPS_FILE = "model.skops"
 
 
 class HeadBase(ClassifierMixin, BaseEstimator):
@@ -33,13 +38,20 @@ class HeadBase(ClassifierMixin, BaseEstimator):
 
     Subclasses implement ``fit`` with :meth:`_prepare_fit` and ``_proba(X)``
     for already validated ``X``; ``predict_proba`` and ``predict`` come from here.
-    Heads whose model has a native, non-pickle file format set
-    ``native_format`` (``"ubj"``, ``"keras"``) and implement
-    :meth:`fitted_state` and :meth:`restore`.
+
+    Saving: :meth:`save` writes the fitted head into a folder the caller owns
+    and returns the names of the files written; :meth:`fitted_state` is the
+    JSON-ready state that travels beside them; :meth:`load` rebuilds the head
+    from those files. Nothing is ever unpickled: the default is a ``skops.io``
+    file that may hold only trusted types (skops's defaults, the head's own
+    class and ``trusted_types``); heads with a native format (XGBoost ``.ubj``,
+    Keras ``.keras``) override the three methods. :meth:`clear_backend`
+    releases what a head's library keeps between fits (the Keras session).
     """
 
     head_name: ClassVar[str] = ""
-    native_format: ClassVar[str | None] = None
+    #: Types beyond skops's defaults and the head's own class that its file may hold.
+    trusted_types: ClassVar[tuple[str, ...]] = ()
 
     # -- fitting helpers ----------------------------------------------------
     def _prepare_fit(self, X, y, sample_weight=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,17 +120,66 @@ class HeadBase(ClassifierMixin, BaseEstimator):
     def _proba(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    # -- native persistence (heads with native_format only) ------------------
+    # -- saving and loading ---------------------------------------------------
+    def save(self, folder: Path) -> list[str]:
+        """Write the fitted head into the existing folder ``folder``; returns the file names."""
+        import skops.io
+
+        check_is_fitted(self)
+        skops.io.dump(self, folder / SKOPS_FILE)
+        return [SKOPS_FILE]
+
     def fitted_state(self) -> dict[str, Any]:
-        """JSON-ready fitted attributes that travel beside the native model file."""
+        """JSON-ready fitted attributes that travel beside the saved files."""
         check_is_fitted(self)
         return {"classes_": self.classes_.tolist(), "n_features_in_": int(self.n_features_in_)}
 
-    def restore(self, native, state: Mapping[str, Any]):
-        """Set fitted state from a loaded native model and :meth:`fitted_state`; returns self."""
+    @classmethod
+    def load(cls, folder: Path, files: list[str], state: Mapping[str, Any],
+             params: Mapping[str, Any]) -> HeadBase:
+        """The head that :meth:`save` wrote as ``files`` in ``folder``.
+
+        ``state`` is :meth:`fitted_state`, ``params`` the constructor
+        parameters. Raises :class:`ClassifierError` for a file that holds any
+        type outside the trusted list (naming the types) or another head.
+        """
+        import skops.io
+
+        path = folder / expect_file(cls, files, SKOPS_FILE)
+        allowed = {f"{cls.__module__}.{cls.__qualname__}", *cls.trusted_types}
+        found = skops.io.get_untrusted_types(file=path)
+        refused = sorted(set(found) - allowed)
+        if refused:
+            raise ClassifierError(
+                f"{path} holds type(s) {', '.join(refused)} that head {cls.head_name!r} does "
+                f"not trust; refusing to load it.")
+        head = skops.io.load(path, trusted=list(found))
+        if type(head) is not cls:
+            raise ClassifierError(f"{path} holds a {type(head).__name__}, not a "
+                                  f"{cls.__name__}; refusing to use it.")
+        return head
+
+    def _restore_state(self, state: Mapping[str, Any]) -> None:
         self.classes_ = np.asarray(state["classes_"])
         self.n_features_in_ = int(state["n_features_in_"])
-        return self
+
+    @classmethod
+    def clear_backend(cls) -> None:
+        """Release memory the head's library keeps after a model is dropped (none here)."""
+
+    def clear(self) -> None:
+        """Drop this head's fitted model and release its library's memory."""
+        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
+            delattr(self, name)
+        type(self).clear_backend()
+
+
+def expect_file(cls: type, files: list[str], name: str) -> str:
+    """``name`` if the head's saved ``files`` hold it; a clear error otherwise."""
+    if name not in files:
+        raise ClassifierError(f"Head {cls.head_name!r} is saved as {name}; the saved files are "
+                              f"{', '.join(files) or 'none'}.")
+    return name
 
 
 def inner_split(y_enc: np.ndarray, groups, fraction: float,

@@ -19,6 +19,11 @@ from sklearn.svm import LinearSVC
 
 from classifiers.heads.base import inner_split
 
+#: Types of a fitted CalibratedClassifierCV that skops does not trust by default:
+#: scikit-learn's own private calibration classes, plain fitted parameters.
+CALIBRATION_TYPES = ("sklearn.calibration._CalibratedClassifier",
+                     "sklearn.calibration._SigmoidCalibration")
+
 
 def fit_calibrated_linear_svc(Z: np.ndarray, y_enc: np.ndarray, weight: np.ndarray, groups,
                               *, C: float, max_iter: int, seed: int,

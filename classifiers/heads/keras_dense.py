@@ -8,18 +8,22 @@ the registry stays cheap.
 Seeding: ``fit`` seeds Keras (weights, dropout, shuffling) from
 ``random_state`` and then restores Python's and numpy's global random states,
 so calling it has no side effect on the caller's random numbers. The search
-clears the Keras session after every trial, so memory does not grow from trial
-to trial.
+clears the Keras session after every fold (:meth:`KerasDenseHead.clear_backend`,
+i.e. :func:`clear_keras_session`), so memory does not grow from trial to trial.
 """
 
 from __future__ import annotations
 
+import gc
 import random
+from pathlib import Path
 
 import numpy as np
 
-from classifiers.heads.base import PREDICT_BATCH, HeadBase, inner_split
+from classifiers.heads.base import PREDICT_BATCH, HeadBase, expect_file, inner_split
 from classifiers.registry import register_head
+
+KERAS_FILE = "model.keras"
 
 
 def search_space(trial) -> dict:
@@ -72,8 +76,6 @@ class KerasDenseHead(HeadBase):
     verbose : int
         Keras ``fit`` verbosity.
     """
-
-    native_format = "keras"
 
     def __init__(self, n_layers=1, units=256, dropout=0.2, l1=0.0, l2=1e-4,
                  learning_rate=1e-3, batch_size=256, max_epochs=40, patience=4,
@@ -154,7 +156,34 @@ class KerasDenseHead(HeadBase):
                for i in range(0, len(X), PREDICT_BATCH)]
         return np.concatenate(out) if out else np.empty((0, len(self.classes_)))
 
-    def restore(self, native, state):
-        super().restore(native, state)
-        self.model_ = native
-        return self
+    def save(self, folder: Path) -> list[str]:
+        """The whole predictor (normalisation included) as a Keras ``model.keras`` file."""
+        self.model_.save(str(folder / KERAS_FILE))
+        return [KERAS_FILE]
+
+    @classmethod
+    def load(cls, folder: Path, files: list[str], state, params) -> KerasDenseHead:
+        import keras
+
+        head = cls(**params)
+        head._restore_state(state)
+        # safe_mode refuses Lambda layers, the one way a .keras file could carry code.
+        head.model_ = keras.saving.load_model(folder / expect_file(cls, files, KERAS_FILE),
+                                              compile=False, safe_mode=True)
+        return head
+
+    @classmethod
+    def clear_backend(cls) -> None:
+        clear_keras_session()
+
+
+def clear_keras_session() -> None:
+    """Free the models Keras keeps after they are dropped: the one place this is done.
+
+    ``clear_session`` then ``gc.collect``: TensorFlow frees a model's graph only
+    once Python has dropped the last reference to it.
+    """
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()

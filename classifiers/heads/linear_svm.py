@@ -5,7 +5,8 @@ from __future__ import annotations
 from sklearn.preprocessing import StandardScaler
 
 from classifiers.heads.base import HeadBase
-from classifiers.heads.calibration import fit_calibrated_linear_svc, svc_iterations
+from classifiers.heads.calibration import (CALIBRATION_TYPES, fit_calibrated_linear_svc,
+                                           svc_iterations)
 from classifiers.registry import register_head
 
 
@@ -35,6 +36,8 @@ class LinearSVMHead(HeadBase):
     random_state : int
         Seed of the calibration split.
     """
+
+    trusted_types = CALIBRATION_TYPES
 
     def __init__(self, C=0.01, class_weight=None, max_iter=1000, random_state=0):
         self.C = C

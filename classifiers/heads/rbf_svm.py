@@ -14,7 +14,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from classifiers.heads.base import HeadBase
-from classifiers.heads.calibration import fit_calibrated_linear_svc, svc_iterations
+from classifiers.heads.calibration import (CALIBRATION_TYPES, fit_calibrated_linear_svc,
+                                           svc_iterations)
 from classifiers.registry import register_head
 
 
@@ -53,6 +54,8 @@ class RBFSVMHead(HeadBase):
     random_state : int
         Seed of the landmark draw and the calibration split.
     """
+
+    trusted_types = CALIBRATION_TYPES
 
     def __init__(self, gamma_scale=1.0, n_components=512, C=1.0, class_weight=None,
                  max_iter=1000, random_state=0):

@@ -14,11 +14,14 @@ The booster is saved in XGBoost's own UBJSON format, not pickled.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import xgboost as xgb
 
-from classifiers.heads.base import HeadBase, inner_split
+from classifiers.heads.base import HeadBase, expect_file, inner_split
 from classifiers.registry import register_head
+
+UBJ_FILE = "model.ubj"
 
 
 def search_space(trial) -> dict:
@@ -63,8 +66,6 @@ class XGBoostHead(HeadBase):
     random_state : int
         Seed of the hold-out split and the subsampling.
     """
-
-    native_format = "ubj"
 
     def __init__(self, n_estimators=200, learning_rate=0.2, max_depth=4, min_child_weight=1.0,
                  subsample=0.8, colsample_bytree=0.15, reg_lambda=1.0, reg_alpha=0.0,
@@ -127,11 +128,19 @@ class XGBoostHead(HeadBase):
         return self.booster_.predict(xgb.DMatrix(X),
                                      iteration_range=(0, self.best_iteration_ + 1))
 
+    def save(self, folder: Path) -> list[str]:
+        """The booster in XGBoost's own UBJSON format (``model.ubj``), never a pickle."""
+        self.booster_.save_model(str(folder / UBJ_FILE))
+        return [UBJ_FILE]
+
     def fitted_state(self) -> dict:
         return {**super().fitted_state(), "best_iteration_": int(self.best_iteration_)}
 
-    def restore(self, native, state):
-        super().restore(native, state)
-        self.booster_ = native
-        self.best_iteration_ = int(state["best_iteration_"])
-        return self
+    @classmethod
+    def load(cls, folder: Path, files: list[str], state, params) -> XGBoostHead:
+        head = cls(**params)
+        head._restore_state(state)
+        head.booster_ = xgb.Booster()
+        head.booster_.load_model(str(folder / expect_file(cls, files, UBJ_FILE)))
+        head.best_iteration_ = int(state["best_iteration_"])
+        return head

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from featurestore import FeatureStoreError, Store
-from pipelines.heads.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, list_models, model_dir
+from pipelines.heads.models import (HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, list_models, model_dir,
+                                    prediction_file)
 
 
 
@@ -54,7 +55,8 @@ def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
         if name not in names or not path.exists():
             raise FeatureStoreError(f"No {file} for head {name!r} on table {table_key}. "
                                     f"Heads available: {', '.join(names) or 'none'}.")
-        frames.append((name, pd.read_parquet(path).sort_values("image_id", ignore_index=True)))
+        frame = pd.read_parquet(prediction_file(path.parent, file))  # saved with this model?
+        frames.append((name, frame.sort_values("image_id", ignore_index=True)))
     return _ensemble(frames, split)
 
 

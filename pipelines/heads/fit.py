@@ -21,7 +21,6 @@ Click command is a thin layer over it.
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -240,7 +239,7 @@ def _finish_head(store, lineage, head, search: TuningResult, objective, classes,
     started = time.perf_counter()
     estimator = create_head(head, **search.params).fit(X, y, groups=groups)
     refit_seconds = time.perf_counter() - started
-    metrics = held_proba = None
+    metrics = held_proba = predicted = None
     if held_out is not None:
         X_eval, y_eval, _ = held_out
         unknown = sorted(set(y_eval) - set(classes))
@@ -250,6 +249,7 @@ def _finish_head(store, lineage, head, search: TuningResult, objective, classes,
         held_proba = estimator.predict_proba(X_eval)
         metrics = evaluation_report(np.searchsorted(classes, y_eval), held_proba, classes,
                                     threshold=threshold, positive=objective.positive)
+        predicted = decide(held_proba, threshold, objective.positive)
     positive = None if objective.positive is None else str(classes[objective.positive])
     folder = save_model(store.root, estimator, head=head, lineage=lineage,
                         params=search.params, threshold=threshold, positive_class=positive,
@@ -257,19 +257,9 @@ def _finish_head(store, lineage, head, search: TuningResult, objective, classes,
                               "seed": config.seed, "cv_score": search.value,
                               "study_name": search.study_name, "metrics": metrics,
                               "fitted_at": _now(), "view_info": _view_info(view)},
-                        view=config.view)
-    _save_oof(folder / OOF_FILE, ids[raw], y[raw], fold_of[raw], search.oof[raw], classes)
-    if held_proba is not None:
-        _save_held_out(folder / HELDOUT_FILE, held_out, held_proba, classes,
-                       decide(held_proba, threshold, objective.positive))
-    elif (folder / HELDOUT_FILE).exists():
-        (folder / HELDOUT_FILE).unlink()  # from an earlier fit: not this model's predictions
-    if get_head_spec(head).uses_keras:
-        import keras
-
-        del estimator
-        keras.backend.clear_session()
-        gc.collect()
+                        view=config.view, extra_files=_prediction_files(
+                            train, search, classes, held_out, held_proba, predicted))
+    estimator.clear()
     return HeadResult(head, search, threshold, metrics, folder, refit_seconds)
 
 
@@ -278,6 +268,19 @@ def _view_info(view: View | None) -> dict | None:
         return None
     return {"name": view.name, "revision": view.revision, "digest": view.digest,
             "covers_heldout": view.covers_heldout, **view.counts()}
+
+
+def _prediction_files(train, search: TuningResult, classes, held_out, held_proba,
+                      predicted) -> dict:
+    """Writers of oof.parquet and (with held-out rows) heldout.parquet, saved with the model."""
+    _, y, _, _, ids, fold_of = train
+    raw = ids["aug_id"] == 0
+    files = {OOF_FILE: lambda path: _save_oof(path, ids[raw], y[raw], fold_of[raw],
+                                              search.oof[raw], classes)}
+    if held_proba is not None:
+        files[HELDOUT_FILE] = lambda path: _save_held_out(path, held_out, held_proba, classes,
+                                                          predicted)
+    return files
 
 
 def _save_oof(path: Path, ids, labels, fold, proba, classes) -> None:

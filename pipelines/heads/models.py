@@ -5,9 +5,9 @@
     STORE/models/<table_key>/<head>[@<view>]/
       model.json        lineage, table key, head, params, threshold, metrics,
                         library versions, SHA-256 of every file (written last)
+      model.skops       scikit-learn heads (skops.io: trusted types only, no pickle), or
       model.ubj         XGBoost booster (UBJSON), or
-      model.keras       Keras model, or
-      model.joblib      other scikit-learn heads (a pickle: its SHA-256 is checked before loading)
+      model.keras       Keras model
       oof.parquet       out-of-fold probabilities of the tuning split (written by fit-heads)
       heldout.parquet   the refitted head's predictions on the held-out split (fit-heads)
 
@@ -17,40 +17,38 @@ beside the one fitted on the whole table, in ``<head>@<view>``. A model's
 lineage query (``densenet121/max/logreg``); :func:`resolve_model_name` also
 accepts a bare ``<head>[@<view>]`` when exactly one table has such a model.
 
-Native formats are used where the library has one, so loading an XGBoost or
-Keras head never unpickles anything. ``model.json`` is written last and
-atomically: a folder without it holds no model. :func:`load_model` refuses a
-model whose files changed since they were written, and
-:meth:`SavedModel.check_table` refuses features of another lineage.
+Each head writes and reads its own files (``HeadBase.save`` / ``load``), so
+nothing here knows a format. A model folder is written as a unit and checked
+before use (:mod:`pipelines.heads.model_folder`): every file is hash-checked,
+pickles are refused, and the lineage in ``model.json`` must give its table
+key. :meth:`SavedModel.check_table` refuses features of another lineage.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 
-from featurestore import FeatureStoreError, Lineage, LineageMismatchError, Store
-from featurestore._io import atomic_write, atomic_write_text
-from featurestore.scan import hash_file
 from classifiers.metrics import decide
-from classifiers.registry import create_head
+from classifiers.registry import get_head_spec
+from featurestore import FeatureStoreError, Lineage, LineageMismatchError, Store
+from featurestore._io import TMP_PREFIX
+from pipelines.heads.model_folder import (MODEL_JSON, check_all_files, checked_file,
+                                          model_files, read_record, recover_aside,
+                                          write_model_folder)
 
 MODELS_DIR = "models"
-MODEL_JSON = "model.json"
 OOF_FILE = "oof.parquet"
 HELDOUT_FILE = "heldout.parquet"
 #: Prefix of the per-class probability columns of oof.parquet, heldout.parquet and predict's output.
 PROBA_PREFIX = "proba_"
-_NATIVE_FILES = {"ubj": "model.ubj", "keras": "model.keras"}
-_PICKLE_FILE = "model.joblib"
 
 
 def model_dir(store_root: str | Path, table_key: str, head: str,
@@ -77,6 +75,8 @@ def list_models(store_root: str | Path) -> list[ModelRef]:
     """Every saved model of the store (folders holding a ``model.json``), sorted by name."""
     refs = []
     for meta in sorted((Path(store_root) / MODELS_DIR).glob(f"*/*/{MODEL_JSON}")):
+        if meta.parent.name.startswith(TMP_PREFIX) or meta.parent.parent.name.startswith(TMP_PREFIX):
+            continue  # a save in progress, or what a killed one left
         head, _, view = meta.parent.name.partition("@")
         refs.append(ModelRef(meta.parent.parent.name, head, view or None, meta.parent))
     return refs
@@ -113,12 +113,13 @@ def resolve_model_name(store: str | Path | Store, name: str) -> ModelRef:
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that fit and read the heads."""
     import optuna
+    import skops
     import sklearn
     import xgboost
 
     versions = {"python": platform.python_version(), "numpy": np.__version__,
                 "scikit-learn": sklearn.__version__, "xgboost": xgboost.__version__,
-                "optuna": optuna.__version__, "joblib": joblib.__version__}
+                "optuna": optuna.__version__, "skops": skops.__version__}
     if "keras" in sys.modules:
         versions["keras"] = sys.modules["keras"].__version__
         versions["keras_backend"] = sys.modules["keras"].backend.backend()
@@ -172,44 +173,36 @@ class SavedModel:
         return self.classes[decide(self.predict_proba(X), self.threshold, positive)]
 
 
-def save_model(store_root: str | Path, estimator, *, head: str, lineage: Lineage,
+#: ``write(path)`` writes one extra file of a model (oof.parquet, heldout.parquet) at ``path``.
+FileWriter = Callable[[Path], None]
+
+
+def save_model(store: str | Path | Store, estimator, *, head: str, lineage: Lineage,
                params: dict, threshold: float | None, positive_class: str | None,
-               meta: dict | None = None, view: str | None = None) -> Path:
-    """Write a fitted head and its ``model.json``; returns the model folder."""
-    folder = model_dir(store_root, lineage.key, head, view)
-    folder.mkdir(parents=True, exist_ok=True)
-    fmt = getattr(estimator, "native_format", None)
-    if fmt == "ubj":
-        name = _NATIVE_FILES[fmt]
-        atomic_write(folder / name, lambda tmp: estimator.booster_.save_model(str(tmp)))
-    elif fmt == "keras":
-        name = _NATIVE_FILES[fmt]
-        atomic_write(folder / name, lambda tmp: estimator.model_.save(str(tmp)))
-    else:
-        name = _PICKLE_FILE
-        atomic_write(folder / name, lambda tmp: joblib.dump(estimator, tmp))
-    for stale in set(_NATIVE_FILES.values()) | {_PICKLE_FILE}:
-        if stale != name and (folder / stale).exists():
-            (folder / stale).unlink()
-    record = {
-        **(meta or {}),
-        "head": head, "view": view, "table_key": lineage.key, "lineage": lineage.to_dict(),
-        "params": params, "threshold": threshold, "positive_class": positive_class,
-        "format": fmt or "joblib", "model_file": name,
-        "fitted_state": estimator.fitted_state() if fmt else None,
-        "files": {name: hash_file(folder / name)},
-        "library_versions": library_versions(),
-    }
-    atomic_write_text(folder / MODEL_JSON, json.dumps(record, indent=2, default=_json_default))
+               meta: dict | None = None, view: str | None = None,
+               extra_files: Mapping[str, FileWriter] | None = None) -> Path:
+    """Write a fitted head, its ``extra_files`` and its ``model.json`` as one unit.
+
+    ``extra_files`` maps a file name to a function writing it (fit-heads
+    passes ``oof.parquet`` and ``heldout.parquet``), so the predictions always
+    belong to the model beside them. Returns the model folder.
+    """
+    folder = model_dir(store.root if isinstance(store, Store) else store, lineage.key, head,
+                       view)
+
+    def build(tmp: Path) -> dict:
+        files = estimator.save(tmp)
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+        return {**(meta or {}),
+                "head": head, "view": view, "table_key": lineage.key,
+                "lineage": lineage.to_dict(), "params": params, "threshold": threshold,
+                "positive_class": positive_class, "model_files": files,
+                "fitted_state": estimator.fitted_state(),
+                "library_versions": library_versions()}
+
+    write_model_folder(folder, build)
     return folder
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"Cannot store {type(value).__name__} in model.json")
 
 
 def load_model(store: str | Path | Store, table_key: str, head: str, *,
@@ -219,11 +212,14 @@ def load_model(store: str | Path | Store, table_key: str, head: str, *,
     ``view`` picks the head fitted on that cleaned view of the table.
 
     ``table`` (a TableReader or Lineage), when given, must have the model's
-    lineage or :class:`~featurestore.LineageMismatchError` is raised. Every
-    file's SHA-256 is checked against ``model.json`` before it is read.
+    lineage or :class:`~featurestore.LineageMismatchError` is raised. Before
+    anything is read, every file ``model.json`` records is checked against its
+    SHA-256 and must lie inside the folder, and the recorded lineage must give
+    the table key: anything else raises :class:`FeatureStoreError`.
     """
     store = store if isinstance(store, Store) else Store(store, create=False)
     folder = model_dir(store.root, table_key, head, view)
+    recover_aside(folder)
     if not (folder / MODEL_JSON).exists():
         # Not a key with a model: maybe a lineage query such as "densenet121/max".
         with contextlib.suppress(FeatureStoreError):
@@ -233,45 +229,64 @@ def load_model(store: str | Path | Store, table_key: str, head: str, *,
         on_view = f" (view {view!r})" if view else ""
         raise FeatureStoreError(f"No model for head {head!r}{on_view} on table {table_key!r} "
                                 f"in {store.root}. Models: {known}.")
-    try:
-        meta = json.loads((folder / MODEL_JSON).read_text())
-    except (OSError, ValueError) as err:
-        raise FeatureStoreError(f"Cannot read {folder / MODEL_JSON}: {err}") from err
-    _verify_files(folder, meta)
-    lineage = Lineage.from_dict(meta["lineage"])
-    model = SavedModel(_read_estimator(folder, meta), head, meta["table_key"], lineage,
-                       meta.get("threshold"), meta.get("positive_class"), meta)
+    meta = read_record(folder)
+    lineage = record_lineage(folder, meta)
+    names = model_files(folder, meta)
+    check_all_files(folder, meta)
+    model = SavedModel(_read_estimator(folder, meta, names), meta["head"], meta["table_key"],
+                       lineage, meta.get("threshold"), meta.get("positive_class"), meta)
     if table is not None:
         model.check_table(table)
     return model
 
 
-def _verify_files(folder: Path, meta: dict) -> None:
-    for name, expected in meta.get("files", {}).items():
-        path = folder / name
-        found = hash_file(path) if path.exists() else "missing"
-        if found != expected:
-            raise FeatureStoreError(
-                f"{path} does not match the SHA-256 recorded in {MODEL_JSON} (expected "
-                f"{expected[:16]}..., found {found[:16]}...); refusing to load it. Refit the "
-                f"head with `featurestore fit-heads`.")
+def record_lineage(folder: Path, meta: dict) -> Lineage:
+    """The lineage of ``model.json``, refused unless it gives the folder's and the record's key.
 
-
-def _read_estimator(folder: Path, meta: dict):
-    path = folder / meta["model_file"]
+    The key is the hash of the lineage, so an edited lineage (another input
+    size, another backbone) cannot pass for the table the head was fitted on.
+    """
+    where = Path(folder) / MODEL_JSON
     try:
-        if meta["format"] == "joblib":
-            return joblib.load(path)
-        estimator = create_head(meta["head"], **meta["params"])
-        if meta["format"] == "ubj":
-            import xgboost as xgb
+        lineage = Lineage.from_dict(meta["lineage"])
+        key = lineage.key
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise FeatureStoreError(f"{where}: the lineage is not readable ({err}); refusing it. "
+                                f"Refit the head with `featurestore fit-heads`.") from err
+    if key != meta["table_key"] or key != Path(folder).parent.name:
+        raise FeatureStoreError(
+            f"{where}: the recorded lineage gives table key {key}, but the model is filed "
+            f"under table {Path(folder).parent.name} and records {meta['table_key']}; "
+            f"refusing it (an edited model.json?). Refit the head with `featurestore fit-heads`.")
+    head, _, view = Path(folder).name.partition("@")
+    if meta["head"] != head or (meta.get("view") or "") != view:
+        raise FeatureStoreError(f"{where} describes head {meta['head']!r} (view "
+                                f"{meta.get('view')!r}), not the folder's {Path(folder).name!r}; "
+                                f"refusing it.")
+    return lineage
 
-            native = xgb.Booster()
-            native.load_model(str(path))
-        else:
-            import keras
 
-            native = keras.saving.load_model(path, compile=False)
-        return estimator.restore(native, meta["fitted_state"])
+def _read_estimator(folder: Path, meta: dict, names: list[str]):
+    try:
+        cls = get_head_spec(meta["head"]).cls
+        return cls.load(folder, names, meta.get("fitted_state") or {}, meta["params"])
     except Exception as err:
-        raise FeatureStoreError(f"Cannot load {path}: {err}") from err
+        raise FeatureStoreError(f"Cannot load the model in {folder}: {err}") from err
+
+
+def prediction_file(folder: Path, name: str) -> Path | None:
+    """``oof.parquet`` or ``heldout.parquet`` of the model in ``folder``, checked; None if absent.
+
+    The file must be the one saved with this ``model.json`` (its SHA-256
+    recorded there), so predictions of another fit are never read as this
+    model's. A prediction file that ``model.json`` does not record is refused.
+    """
+    meta = read_record(folder)
+    path = Path(folder) / name
+    if name not in meta["files"] and not path.exists():
+        return None
+    if name not in meta["files"]:
+        raise FeatureStoreError(f"{path} is not recorded in {Path(folder) / MODEL_JSON} (an "
+                                f"older or interrupted save); refusing to use it. Refit the head "
+                                f"with `featurestore fit-heads`.")
+    return checked_file(folder, meta, name)

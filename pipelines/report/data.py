@@ -8,7 +8,6 @@ then says so instead of failing.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -21,8 +20,9 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from classifiers.metrics import decide, roc_auc
 from featurestore import FeatureStoreError, Lineage, Store
 from pipelines.extract.errors import read_errors
-from pipelines.heads.models import (HELDOUT_FILE, MODEL_JSON, OOF_FILE, PROBA_PREFIX, ModelRef,
-                             list_models)
+from pipelines.heads.model_folder import read_record
+from pipelines.heads.models import (HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, ModelRef, list_models,
+                                    prediction_file)
 
 #: Metrics computed per cross-validation fold from ``oof.parquet`` (mean ± std in the report).
 FOLD_METRICS = ("accuracy", "balanced_accuracy", "roc_auc")
@@ -165,10 +165,10 @@ def load_model_facts(store: Store) -> tuple[list[ModelFacts], list[str]]:
     models, notes = [], []
     for ref in list_models(store.root):
         try:
-            meta = json.loads((ref.path / MODEL_JSON).read_text())
-            oof = _read_optional(ref.path / OOF_FILE)
-            heldout = _read_optional(ref.path / HELDOUT_FILE)
-        except (OSError, ValueError) as err:
+            meta = read_record(ref.path)
+            oof = _read_optional(prediction_file(ref.path, OOF_FILE))
+            heldout = _read_optional(prediction_file(ref.path, HELDOUT_FILE))
+        except (FeatureStoreError, OSError, ValueError) as err:
             notes.append(f"{ref.name}: cannot read its files ({err}); left out.")
             continue
         facts = ModelFacts(ref, meta, oof, heldout)
@@ -177,8 +177,8 @@ def load_model_facts(store: Store) -> tuple[list[ModelFacts], list[str]]:
     return models, notes
 
 
-def _read_optional(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.exists() else None
+def _read_optional(path: Path | None) -> pd.DataFrame | None:
+    return None if path is None else pd.read_parquet(path)
 
 
 def fold_spread(model: ModelFacts) -> dict[str, tuple[float, float, int]]:
