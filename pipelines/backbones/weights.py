@@ -29,6 +29,8 @@ from featurestore.errors import FeatureStoreError
 
 #: Seconds to wait for the weights server before declaring the machine offline.
 DOWNLOAD_TIMEOUT_S = 30
+#: Identity of seeded random weights is ``random:<seed>``.
+_RANDOM = "random:"
 
 
 class WeightsError(FeatureStoreError, ValueError):
@@ -55,7 +57,7 @@ def resolve_weights(spec, weights: str, *, seed: int = 0) -> ResolvedWeights:
     does not name a readable ``.h5`` file.
     """
     if weights == "none":
-        return ResolvedWeights(identity=f"random:{int(seed)}", path=None, sha256=None)
+        return ResolvedWeights(identity=random_identity(seed), path=None, sha256=None)
     if weights == "imagenet":
         path = _imagenet_file(spec)
         return ResolvedWeights(identity="imagenet", path=path, sha256=sha256_file(path))
@@ -63,6 +65,21 @@ def resolve_weights(spec, weights: str, *, seed: int = 0) -> ResolvedWeights:
     return ResolvedWeights(
         identity=f"file:{os.path.basename(path)}", path=path, sha256=sha256_file(path)
     )
+
+
+def random_identity(seed: int) -> str:
+    """Weights identity of seeded random initialisation: ``random:<seed>``."""
+    return f"{_RANDOM}{int(seed)}"
+
+
+def random_seed(identity: str) -> int | None:
+    """The seed of a ``random:<seed>`` identity; None for any other weights."""
+    if not identity.startswith(_RANDOM):
+        return None
+    try:
+        return int(identity[len(_RANDOM):])
+    except ValueError:
+        raise WeightsError(f"Weights identity {identity!r} is not random:<integer seed>.") from None
 
 
 def _imagenet_file(spec) -> str:

@@ -2,9 +2,11 @@
 
 Used where an image outside the store must be compared with, or scored
 against, stored features (``featurestore search`` and ``featurestore predict``):
-the backbone, weights, input size, preprocessing and pooling all come from the
-table's :class:`~featurestore.Lineage`, and the weights file's SHA-256 must
-match the lineage's, so a query is never embedded in another space.
+the backbone, weights, input size, preprocessing, pooling, precision and
+file-size limit all come from the table's :class:`~featurestore.Lineage`
+(through :meth:`~pipelines.extract.recipe.Recipe.from_lineage`), and the
+weights file's SHA-256 must match the lineage's, so a query is never embedded
+in another space.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore import Lineage, LineageMismatchError
+from featurestore import Lineage
 from featurestore.scan import hash_file
-from pipelines.backbones.registry import get_spec
 from pipelines.extract.engine import EngineSettings, run_engine
-from pipelines.extract.loader import ImageTask, ViewRecipe
-from pipelines.backbones.weights import resolve_weights
+from pipelines.extract.loader import ImageTask
+from pipelines.extract.recipe import Recipe
 
 
 def engine_settings_for(lineage: Lineage, *, weights_path: str | None = None,
@@ -31,31 +32,8 @@ def engine_settings_for(lineage: Lineage, *, weights_path: str | None = None,
     (``file:<name>``); for ``imagenet`` Keras' cache is used unless it is given.
     A file whose SHA-256 differs from the lineage's is refused.
     """
-    spec = get_spec(lineage.backbone)
-    seed, path = 0, None
-    if lineage.weights.startswith("random:"):
-        seed = int(lineage.weights.split(":", 1)[1])
-    else:
-        if weights_path is None and lineage.weights != "imagenet":
-            raise LineageMismatchError(
-                f"Table {lineage.key} was computed with weights {lineage.weights!r}; pass that "
-                f"file (weights_path= / --weights PATH) to compute features for new images.")
-        resolved = resolve_weights(spec, weights_path or "imagenet")
-        if resolved.sha256 != lineage.weights_sha256:
-            raise LineageMismatchError(
-                f"Weights {resolved.path} have SHA-256 {resolved.sha256[:12]}..., but table "
-                f"{lineage.key} was computed with {str(lineage.weights_sha256)[:12]}...; its "
-                f"features would not be comparable.")
-        path = resolved.path
-    height, width = lineage.input_size
-    if height != width:
-        raise LineageMismatchError(f"Table {lineage.key} has a non-square input {height}x{width}.")
-    return EngineSettings(
-        backbone=spec.name, input_size=height, weights_path=path, seed=seed,
-        pools=(lineage.pool,), precision=lineage.library_versions.get("compute_dtype", "float32"),
-        batch_size=batch_size,
-        recipe=ViewRecipe(size=height, preprocessing=lineage.preprocessing,
-                          interpolation=spec.interpolation))
+    recipe = Recipe.from_lineage(lineage).with_weights_file(weights_path)
+    return recipe.engine_settings(batch_size)
 
 
 @dataclass

@@ -3,9 +3,10 @@
 :func:`run_extract` is the Python entry point; :data:`command` is the thin
 Click layer over it. One run:
 
-1. reads the store's manifest (scanning DATASET first if the store has none);
-2. resolves the weights (fails here, before any image is read, when ImageNet
-   weights are neither cached nor downloadable, or a file does not fit);
+1. checks every setting and resolves the weights into a
+   :class:`~pipelines.extract.recipe.Recipe` (fails here, before any image is
+   read, when ImageNet weights are neither cached nor downloadable);
+2. reads the store's manifest (scanning DATASET first if the store has none);
 3. without ``--shard``, merges finished shard parts into the tables;
 4. plans the ``(image_id, aug_id)`` rows missing from the tables;
 5. runs the backbone once per view and reduces its final feature map by every
@@ -23,28 +24,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import click
 from tqdm.auto import tqdm
 
-from featurestore import FeatureStoreError, Lineage, Store
+from featurestore import FeatureStoreError, Store
 from featurestore.formats import FORMATS
 from featurestore.splits import SPLITS
 from featurestore.store import parse_shard
-from pipelines.extract.augment import PRESETS, get_preset
-from pipelines.backbones.registry import POOLS, check_input_size, get_spec, list_backbones
-from pipelines.extract.engine import PRECISIONS, EngineSettings, default_workers, run_engine
+from pipelines.extract.augment import PRESETS
+from pipelines.backbones.registry import POOLS, list_backbones
+from pipelines.extract.engine import PRECISIONS, default_workers, run_engine
 from pipelines.extract.errors import ErrorLog
 from pipelines.extract.plan import Plan, make_plan
 from pipelines.extract.images import DEFAULT_MAX_PIXELS
-from pipelines.extract.loader import ViewRecipe
-from pipelines.backbones.weights import ResolvedWeights, keras_cache_dir, resolve_weights
+from pipelines.extract.recipe import Recipe
 
 POOL_CHOICES = ("max", "avg", "both")
 #: ``--format`` choices: each registered table format alone, or ``both`` (all of them).
@@ -86,6 +82,8 @@ class ExtractConfig:
     """Backbone processes: None picks 1 on an accelerator, else one per core (at most 4)."""
     precision: str = "float32"
     """``float32``, or ``bfloat16`` compute (faster on CPUs with AVX-512 BF16 / AMX)."""
+    runtime: str = "keras"
+    """What runs the backbone (``pipelines.extract.recipe.RUNTIMES``; only ``keras`` yet)."""
     rows_per_part: int = 1024
     """Rows per committed table part: at most this many views are recomputed after a kill."""
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -145,11 +143,11 @@ class ExtractResult:
 
 def run_extract(config: ExtractConfig) -> ExtractResult:
     """Extract the missing rows of every requested pooling's table."""
-    spec = _check_config(config)
+    _check_config(config)
+    recipe = Recipe.from_config(config)
     store = Store(config.store)
     manifest = _manifest_for(store, config)
-    weights = resolve_weights(spec, config.weights, seed=config.seed)
-    lineages = {pool: _lineage(config, spec, weights, pool) for pool in config.pools}
+    lineages = recipe.lineages()
     merged = {} if config.shard else _merge_shards(store, lineages)
     workers = config.workers or default_workers()
     with contextlib.ExitStack() as stack:
@@ -165,7 +163,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         workers = min(workers, max(1, len(plan.tasks)))
         written, errors, seconds = 0, [], 0.0
         if plan.tasks:
-            written, errors, seconds = _execute(config, spec, weights, plan, writers, errors_log,
+            written, errors, seconds = _execute(config, recipe, plan, writers, errors_log,
                                                 workers)
     return ExtractResult(
         tables={pool: lin.key for pool, lin in lineages.items()}, images=plan.images,
@@ -174,23 +172,15 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         shard=config.shard, merged=merged, duplicate_paths=plan.duplicate_paths)
 
 
-def _execute(config, spec, weights, plan: Plan, writers, errors_log, workers):
+def _execute(config, recipe: Recipe, plan: Plan, writers, errors_log, workers):
     """Run the engine over the plan; append rows, record errors.
 
     Returns ``(views written, [(path, reason)], seconds since the models were ready)``.
     """
-    settings = EngineSettings(
-        backbone=spec.name, input_size=check_input_size(spec, config.image_size),
-        weights_path=weights.path, seed=config.seed, pools=config.pools,
-        precision=config.precision, batch_size=config.batch_size,
-        recipe=ViewRecipe(size=check_input_size(spec, config.image_size),
-                          preprocessing=spec.preprocessing, interpolation=spec.interpolation,
-                          max_pixels=config.max_pixels,
-                          augment_preset=config.augment_preset if config.augment else None,
-                          seed=config.seed))
+    settings = recipe.engine_settings(config.batch_size)
     existing = {pool: w.existing_keys() for pool, w in writers.items()}
     bar = tqdm(total=plan.views_todo, unit="img", disable=not config.progress,
-               desc=f"extract {spec.name}", smoothing=0.05)
+               desc=f"extract {recipe.backbone}", smoothing=0.05)
     written, errors, ready = 0, [], [time.perf_counter()]
 
     def on_ready():  # time (and the bar's rate) from the first image, not the model build
@@ -225,17 +215,12 @@ def _append(writer, existing: set, rows, features) -> None:
     existing.update((r.image_id, r.aug_id) for r in kept)
 
 
-def _check_config(config: ExtractConfig):
-    """Validate every argument before touching the store; return the backbone spec."""
-    spec = get_spec(config.backbone)
-    check_input_size(spec, config.image_size)
+def _check_config(config: ExtractConfig) -> None:
+    """Validate the run's own arguments (the recipe's are checked by ``Recipe``)."""
     _one_of("pool", config.pool, POOL_CHOICES)
     _one_of("format", config.format, FORMAT_CHOICES)
-    _one_of("precision", config.precision, PRECISIONS)
     if config.augment < 0:
         raise ValueError(f"augment must be >= 0 views; got {config.augment}.")
-    if config.augment:
-        get_preset(config.augment_preset)
     unknown = set(config.augment_splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"augment_splits must be among {', '.join(SPLITS)}; "
@@ -246,7 +231,6 @@ def _check_config(config: ExtractConfig):
         raise ValueError(f"workers must be >= 1 (or None for automatic); got {config.workers}.")
     if config.shard is not None:
         parse_shard(config.shard)
-    return spec
 
 
 def _one_of(name, value, allowed) -> None:
@@ -281,63 +265,6 @@ def _merge_shards(store: Store, lineages: dict) -> dict:
             total["duplicates"] += summary["duplicates"]
             total["merged"] += summary["merged"]
     return total
-
-
-def _lineage(config: ExtractConfig, spec, weights: ResolvedWeights, pool: str) -> Lineage:
-    size = check_input_size(spec, config.image_size)
-    augmentation = None
-    if config.augment:
-        augmentation = {"preset": config.augment_preset, "views": config.augment,
-                        "seed": config.seed, "splits": sorted(config.augment_splits)}
-    return Lineage(backbone=spec.name, weights=weights.identity, pool=pool,
-                   input_size=(size, size), preprocessing=spec.preprocessing,
-                   weights_sha256=weights.sha256, augmentation=augmentation,
-                   library_versions=library_versions(config.precision, bool(config.augment)))
-
-
-def library_versions(precision: str = "float32", augment: bool = False) -> dict[str, str]:
-    """Versions of what computes the features: Keras, its backend, decoding libraries.
-
-    Read from package metadata, so the parent of worker processes never has to
-    import a backend just to name it.
-    """
-    backend = keras_backend()
-    packages = {"tensorflow": ("tensorflow", "tensorflow-cpu"), "jax": ("jax", "jaxlib"),
-                "torch": ("torch",)}.get(backend, ())
-    versions = {"keras": _version("keras"), "backend": backend,
-                "numpy": _version("numpy"), "pillow": _version("pillow")}
-    for name in packages:
-        if _version(name):
-            versions[name.replace("-cpu", "")] = _version(name)
-    if augment:
-        versions["scipy"] = _version("scipy")
-    if precision != "float32":
-        versions["compute_dtype"] = precision  # bf16 features differ: another table
-    return versions
-
-
-def keras_backend() -> str:
-    """The backend Keras uses or will use: as Keras decides, without importing it.
-
-    Keras reads ``KERAS_BACKEND``, then ``backend`` in ``$KERAS_HOME/keras.json``
-    (``~/.keras``), and defaults to TensorFlow.
-    """
-    if "keras" in sys.modules:
-        return sys.modules["keras"].config.backend()
-    if os.environ.get("KERAS_BACKEND"):
-        return os.environ["KERAS_BACKEND"]
-    config = Path(keras_cache_dir()) / "keras.json"
-    try:
-        return json.loads(config.read_text()).get("backend", "tensorflow")
-    except (OSError, ValueError):
-        return "tensorflow"
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 # -- command line ------------------------------------------------------------------

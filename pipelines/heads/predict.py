@@ -194,10 +194,9 @@ def _stored_scores(store: Store, model: SavedModel, wanted: set[str]) -> dict:
 
 def _warn_versions(lineage: Lineage, echo) -> None:
     """Say when the libraries that will compute features differ from the lineage's."""
-    from pipelines.extract.run import library_versions
+    from pipelines.extract.recipe import library_versions
 
-    precision = lineage.library_versions.get("compute_dtype", "float32")
-    now = library_versions(precision, bool(lineage.augmentation))
+    now = library_versions(lineage.precision, bool(lineage.augmentation))
     changed = {k: (v, now.get(k)) for k, v in lineage.library_versions.items()
                if now.get(k) != v}
     if changed:
@@ -272,10 +271,11 @@ def _unidentified(todo: dict[str, Path]) -> dict[str, str]:
 
 def _engine_settings(model: SavedModel, ref: ModelRef, config: PredictConfig):
     """Engine settings of the model's lineage; refuses weights that do not match it."""
+    from pipelines.backbones.weights import random_seed
     from pipelines.extract.featurize import engine_settings_for  # imports the backbone registry
 
     lineage = model.lineage
-    if config.weights is not None and lineage.weights.startswith("random:"):
+    if config.weights is not None and random_seed(lineage.weights) is not None:
         raise LineageMismatchError(
             f"Model {ref.name} was fitted on features of randomly initialised weights "
             f"({lineage.weights}); --weights {config.weights} cannot reproduce them. "
