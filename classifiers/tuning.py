@@ -1,12 +1,24 @@
-"""One Optuna study per (table, head): seeded TPE, pruning across folds, resumable.
+"""One Optuna study per (table, head): seeded TPE, pruning across folds, resumable, shareable.
 
 The study name is derived from everything that makes trial values comparable
 (table key, head, objective, folds, seed, class weights), and the study is
 opened with ``load_if_exists=True``, so rerunning a killed search continues the
-same study: only ``n_trials`` minus the finished trials (complete, pruned or
-failed) are run, and a trial that was finished is never redone. Several
-processes or machines pointing at one storage (PostgreSQL, or SQLite on one
-machine) share the trials; ``MaxTrialsCallback`` stops them all at ``n_trials``.
+same study and a trial that was finished is never redone.
+
+``n_trials`` is the number of trials with a result, COMPLETE or PRUNED (a
+pruned trial is a finished verdict on its parameters), however many runs and
+processes contribute. Several processes on one storage share the study (see
+:mod:`classifiers.studies`): on SQLite they count and start trials under one
+file lock, so together they end with exactly ``n_trials`` and each trial draws
+its own parameters; a process that finds the study full waits for the trials
+still running elsewhere, so its result is the whole study's. A trial whose
+process was killed is queued again with its parameters and does not count.
+
+A trial that raises (NaN probabilities, divergence, bad parameters) is
+recorded as FAIL with the reason in its ``fail_reason`` user attribute and the
+search goes on with another trial; it does not count toward ``n_trials``
+either, but a study stops taking trials once ``n_trials`` of them have
+failed, so a head that always fails ends with :class:`TuningError`.
 
 A trial reports its score after every fold and a ``MedianPruner`` stops a
 trial whose score falls below the median of earlier trials at the same fold,
@@ -14,9 +26,7 @@ from the first fold on (after five trials): a poor configuration costs one
 fold instead of five, which is what keeps a 20-trial search of every head on
 20,800 x 1,024 within reach of half an hour on two cores.
 
-A trial that raises (NaN probabilities, divergence, bad parameters) is
-recorded as FAIL with the reason in its ``fail_reason`` user attribute and the
-search goes on. Keras heads fit their folds in a recycled child process
+Keras heads fit their folds in a recycled child process
 (:mod:`classifiers.workers`), because TensorFlow keeps memory per trained model
 that ``clear_session`` does not return; memory stays bounded from trial to trial.
 """
@@ -29,53 +39,32 @@ import json
 import logging
 import math
 import time
-import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import filelock
 import numpy as np
 import optuna
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from classifiers.cv import Fold, cross_val_proba
+from classifiers.errors import ClassifierError
 from classifiers.metrics import Objective, score
 from classifiers.registry import create_head, get_head_spec
+from classifiers.studies import (FAIL_REASON, GRACE_SECONDS, LOCK_TIMEOUT, TrialSeededSampler,
+                                 counted_failures, get_storage, requeue_killed, study_lock)
 from classifiers.workers import FoldWorker
 
-#: Trial states that count as finished: never rerun, and counted toward ``n_trials``.
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+__all__ = ["TuningError", "TuningResult", "get_storage", "head_fixed_params", "study_name",
+           "tune_head"]
+
+_log = logging.getLogger(__name__)
 
 
-class TuningError(RuntimeError):
+class TuningError(ClassifierError):
     """A search produced no completed trial; the message gives the failure reasons."""
-
-
-def get_storage(storage: None | str | optuna.storages.BaseStorage = None, *,
-                default_url: str | None = None) -> optuna.storages.BaseStorage:
-    """An Optuna storage from ``None`` (``default_url``, else in memory), a URL or an object.
-
-    URL storages get a heartbeat, so a trial of a killed process is marked
-    FAIL after three minutes instead of staying RUNNING forever, and SQLite
-    waits for a busy database instead of failing when several processes share it.
-    """
-    if isinstance(storage, optuna.storages.BaseStorage):
-        return storage
-    url = storage or default_url
-    if url is None:
-        return optuna.storages.InMemoryStorage()
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    try:
-        with warnings.catch_warnings():
-            # The heartbeat is "experimental" in Optuna; we rely on it knowingly.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                              heartbeat_interval=60, grace_period=180)
-    except Exception as err:  # SQLAlchemy raises many types for a bad URL or driver
-        raise ValueError(f"Cannot open Optuna storage {url!r}: {err}. Give an SQLAlchemy URL "
-                         f"such as sqlite:///path/optuna.sqlite or "
-                         f"postgresql://user@host/db.") from err
 
 
 def study_name(table_key: str, head: str, objective: Objective, *, cv: int, seed: int,
@@ -108,7 +97,9 @@ class TuningResult:
     n_pruned: int = 0
     n_failed: int = 0
     n_resumed: int = 0
-    """Trials already finished by earlier runs of the study when this one started."""
+    """Trials already counted (complete, pruned, failed) when this call started."""
+    n_retried: int = 0
+    """Trials of killed processes that this call queued again with their parameters."""
     trial_seconds: list[float] = field(default_factory=list)
     """Durations of the trials that completed in this call."""
     fail_reasons: list[str] = field(default_factory=list)
@@ -211,27 +202,38 @@ class _Tuning:
     """Runs one study; keeps the best out-of-fold predictions computed in this process."""
 
     def __init__(self, problem: _Problem, fixed: dict, storage, name: str | None, seed: int):
-        self.problem, self.fixed, self.seed = problem, fixed, seed
+        self.problem, self.fixed = problem, fixed
         self.spec = get_head_spec(problem.head)
-        with _quiet_optuna():
-            self.study = optuna.create_study(
-                storage=get_storage(storage), study_name=name, direction="maximize",
-                sampler=optuna.samplers.TPESampler(seed=seed),
-                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
-                load_if_exists=True)
+        self.storage = get_storage(storage)
+        self.lock, self.holding = study_lock(self.storage), False
+        self._acquire()
+        try:
+            with _quiet_optuna():
+                self.study = optuna.create_study(
+                    storage=self.storage, study_name=name, direction="maximize",
+                    sampler=TrialSeededSampler(seed),
+                    pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+                    load_if_exists=True)
+        finally:
+            self._release()
         self.best: tuple[int, float, np.ndarray] | None = None
         self.worker: FoldWorker | None = None
         self.durations: list[float] = []
+        self.retried = 0
 
     def objective(self, trial: optuna.Trial) -> float:
         started = time.perf_counter()
         try:
-            params = {**self.spec.search_space(trial), **self.fixed}
+            try:
+                params = {**self.spec.search_space(trial), **self.fixed}
+            finally:
+                # The parameters are stored: other processes may count this trial and start theirs.
+                self._release()
             value, oof = self.problem.cross_validate(params, trial, self.worker)
         except optuna.TrialPruned:
             raise
         except Exception as err:
-            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
+            trial.set_user_attr(FAIL_REASON, f"{type(err).__name__}: {err}"[:2000])
             raise
         self.durations.append(time.perf_counter() - started)
         if self.best is None or value > self.best[1]:
@@ -239,28 +241,77 @@ class _Tuning:
         return value
 
     def run(self, n_trials: int, timeout: float | None) -> TuningResult:
-        self.resumed = done = self._count(FINISHED)
-        # Reseed past the trials already done, so a resumed search does not
-        # replay the random start-up suggestions of the first run.
-        self.study.sampler = optuna.samplers.TPESampler(seed=self.seed + done)
-        if n_trials > done:
-            with _quiet_optuna():
-                self.study.optimize(
-                    self.objective, n_trials=n_trials - done, timeout=timeout,
-                    catch=(Exception,),
-                    callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)])
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done, _, failed = self._counts()
+        self.resumed = done + failed
+        waited = False
+        while True:
+            running = self._start_trial(n_trials, deadline)
+            if running is None:
+                continue
+            if not running or not self._heartbeat or _past(deadline):
+                break
+            if not waited:
+                _log.warning("Study %s: waiting for %d trial(s) running in another process, "
+                             "or killed (then retried once their heartbeat is %d s old).",
+                             self.study.study_name, running,
+                             getattr(self.storage, "grace_period", None) or GRACE_SECONDS)
+                waited = True
+            time.sleep(1)
         return self._result()
 
-    def _count(self, states) -> int:
-        return len(self.study.get_trials(deepcopy=False, states=states))
+    def _start_trial(self, n_trials: int, deadline: float | None) -> int | None:
+        """Run one more trial (None), or say how many trials still run elsewhere.
+
+        Counting and starting happen under the study lock, so processes sharing
+        the study never start more trials than it lacks.
+        """
+        self._acquire()
+        try:
+            self.retried += requeue_killed(self.study)
+            done, running, failed = self._counts()
+            if done + running >= n_trials or failed >= n_trials or _past(deadline):
+                return running
+            with _quiet_optuna():
+                self.study.optimize(self.objective, n_trials=1, catch=(Exception,))
+            return None
+        finally:
+            self._release()  # if the trial did not get as far as its parameters
+
+    def _acquire(self) -> None:
+        try:
+            self.lock.acquire()
+        except filelock.Timeout as err:
+            raise TuningError(f"Another process held the study lock {err.lock_file} "
+                              f"for {LOCK_TIMEOUT} s.") from err
+        self.holding = True
+
+    def _release(self) -> None:
+        if self.holding:
+            self.holding = False
+            self.lock.release()
+
+    @property
+    def _heartbeat(self) -> bool:
+        # Without a heartbeat a killed process's trial would look alive for ever.
+        return getattr(self.storage, "heartbeat_interval", None) is not None
+
+    def _counts(self) -> tuple[int, int, int]:
+        """``(complete + pruned, running, counted failures)`` of the whole study."""
+        trials = self.study.get_trials(deepcopy=False)
+        states = Counter(t.state for t in trials)
+        return (states[TrialState.COMPLETE] + states[TrialState.PRUNED],
+                states[TrialState.RUNNING], len(counted_failures(trials)))
 
     def _result(self) -> TuningResult:
-        fails = [t.user_attrs.get("fail_reason", "no reason recorded")
-                 for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
-        if not self._count((TrialState.COMPLETE,)):
-            listing = "; ".join(sorted(set(fails))[:5]) or "no trial finished"
+        trials = self.study.get_trials(deepcopy=False)
+        states = Counter(t.state for t in trials)
+        fails = counted_failures(trials)
+        if not states[TrialState.COMPLETE]:
+            listing = "; ".join(r.rstrip(".") for r in sorted(set(fails))[:5])
             raise TuningError(f"Search of head {self.problem.head!r} (study "
-                              f"{self.study.study_name}) has no completed trial: {listing}.")
+                              f"{self.study.study_name}) has no completed trial: "
+                              f"{listing or 'no trial finished'}.")
         best = self.study.best_trial
         params = {**best.params, **self.fixed}
         if self.best is not None and self.best[0] == best.number:
@@ -271,6 +322,10 @@ class _Tuning:
             _, oof = self.problem.cross_validate(params, worker=self.worker)
         return TuningResult(
             self.problem.head, params, float(best.value), oof, self.study.study_name,
-            n_complete=self._count((TrialState.COMPLETE,)),
-            n_pruned=self._count((TrialState.PRUNED,)), n_failed=len(fails),
-            n_resumed=self.resumed, trial_seconds=list(self.durations), fail_reasons=fails)
+            n_complete=states[TrialState.COMPLETE], n_pruned=states[TrialState.PRUNED],
+            n_failed=len(fails), n_resumed=self.resumed, n_retried=self.retried,
+            trial_seconds=list(self.durations), fail_reasons=fails)
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline

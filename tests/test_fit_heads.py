@@ -88,7 +88,8 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(monkeypatch):
     spec = dataclasses.replace(get_head_spec("logreg"), search_space=space)
     monkeypatch.setitem(registry._REGISTRY, "logreg", spec)
     result = tune_head("logreg", X, y, groups, folds, n_trials=4, objective=objective)
-    assert (result.n_complete, result.n_failed) == (3, 1)
+    # The failed trial does not count: four trials still give a result.
+    assert (result.n_complete + result.n_pruned, result.n_failed) == (4, 1)
     assert "C" in result.fail_reasons[0] and result.params["C"] > 0
 
 
@@ -179,6 +180,35 @@ def test_cli_multiclass_end_to_end(store_root):
     assert len(pd.read_parquet(store_root / "leaderboard.parquet")) == 2
     bad = runner.invoke(fit_heads.command, args[:4] + ["--heads", "xgb"])
     assert bad.exit_code != 0 and "Unknown head 'xgb'. Available: keras_dense" in bad.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--timeout", "-5"], "Invalid value for '--timeout': -5.0 is not in the range x>0."),
+    (["--timeout", "nan"], "Error: timeout must be seconds > 0, or None for no limit; got nan."),
+    (["--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295."),
+    (["--storage", "sqlite:////no/such/folder/optuna.sqlite"],
+     "Error: Cannot open Optuna storage 'sqlite:////no/such/folder/optuna.sqlite': "
+     "folder /no/such/folder does not exist."),
+])
+def test_cli_bad_search_arguments_are_one_line_errors(store_root, extra, message):
+    write_digits_table(store_root, n_per_class=20)
+    result = CliRunner().invoke(fit_heads.command, [
+        "--store", str(store_root), "--table", "digits/max", "--n-trials", "1", "--cv", "2",
+        *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (store_root / "models").exists()
+
+
+def test_cli_one_class_train_split_is_a_one_line_error(store_root):
+    write_digits_table(store_root, classes=(3,), n_per_class=30)
+    result = CliRunner().invoke(fit_heads.command, [
+        "--store", str(store_root), "--table", "digits/max", "--n-trials", "1", "--cv", "2"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].endswith("every train row has the label 'd3'; fit-heads needs at least "
+                              "two labels.") and lines[-1].startswith("Error: Table digits-")
+    # Refused before any trial: no study was started.
+    assert not (store_root / "optuna.sqlite").exists()
 
 
 def rss_mb():

@@ -58,7 +58,8 @@ class FitHeadsConfig:
     search: str = "optuna"
     """``optuna`` to tune, ``none`` to cross-validate each head's defaults once."""
     n_trials: int = 20
-    """Trials per head, counting those of an earlier, resumed run."""
+    """Trials with a result (complete or pruned) per head, counting those of earlier or
+    concurrent runs of the same study; failed and killed trials do not count."""
     timeout: float | None = None
     """Seconds of searching per head in this run (None: no limit)."""
     cv: int = 5
@@ -153,6 +154,11 @@ def _check_config(config: FitHeadsConfig) -> None:
             f"search must be one of {', '.join(SEARCHES)}; got {config.search!r}.")
     if config.n_trials < 1:
         raise FeatureStoreError(f"n_trials must be >= 1; got {config.n_trials}.")
+    if config.timeout is not None and not config.timeout > 0:  # NaN too
+        raise FeatureStoreError(f"timeout must be seconds > 0, or None for no limit; "
+                                f"got {config.timeout}.")
+    if not 0 <= config.seed < 2**32:
+        raise FeatureStoreError(f"seed must be between 0 and 2**32 - 1; got {config.seed}.")
     if config.eval_split not in (None, "val", "test"):
         raise FeatureStoreError(f"eval_split must be val or test; got {config.eval_split!r}.")
 
@@ -169,6 +175,9 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
         eval_split, held_out = _held_out(reader, config.eval_split, view, echo)
         lineage = reader.lineage
     classes = np.unique(y)
+    if len(classes) < 2:
+        raise FeatureStoreError(f"Table {lineage.key}: every train row has the label "
+                                f"{str(classes[0])!r}; fit-heads needs at least two labels.")
     y_enc = np.searchsorted(classes, y)
     objective = make_objective(config.metric, classes, positive_class=config.positive_class,
                                min_recall=config.min_recall)
@@ -356,6 +365,12 @@ def _head_summary(result: HeadResult, objective: Objective) -> str:
     return "\n".join(lines)
 
 
+class _CommandFailed(click.ClickException):
+    """Bad input shown as ``Error: <message>``, exit status 2 like Click's own usage errors."""
+
+    exit_code = 2
+
+
 @click.command("fit-heads")
 @click.option("--store", required=True, type=click.Path(path_type=Path), help="Store folder.")
 @click.option("--table", required=True, help="Lineage query or key, e.g. densenet121/max.")
@@ -364,7 +379,8 @@ def _head_summary(result: HeadResult, objective: Objective) -> str:
 @click.option("--search", type=click.Choice(SEARCHES), default="optuna", show_default=True)
 @click.option("--n-trials", type=click.IntRange(min=1), default=20, show_default=True,
               help="Trials per head (a rerun resumes and counts earlier trials).")
-@click.option("--timeout", type=float, default=None, help="Seconds of search per head.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of search per head [default: no limit].")
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True)
 @click.option("--metric", type=click.Choice(OBJECTIVES), default=None,
               help="Objective [default: recall_floor with --min-recall, else balanced_accuracy].")
@@ -377,7 +393,7 @@ def _head_summary(result: HeadResult, objective: Objective) -> str:
               help="Optuna storage URL [default: sqlite:///STORE/optuna.sqlite].")
 @click.option("--n-jobs", type=click.IntRange(min=1), default=None,
               help="Threads per fit (xgboost, knn) [default: the library's].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--eval-split", type=click.Choice(["test", "val"]), default=None,
               help="Held-out split [default: test if it has rows, else val].")
 @click.option("--view", default=None,
@@ -393,6 +409,6 @@ def command(store, table, heads, search, n_trials, timeout, cv, metric, positive
     try:
         result = run_fit_heads(config, echo=click.echo)
     except (FeatureStoreError, ClassifierError, ValueError) as err:
-        raise click.ClickException(str(err)) from err
+        raise _CommandFailed(str(err)) from err
     click.echo("\nLeaderboard (" + str(Path(store) / "leaderboard.parquet") + "):")
     click.echo(format_leaderboard(result.leaderboard))
