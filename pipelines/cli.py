@@ -2,6 +2,8 @@
 
 import click
 
+from pipelines.errors import one_line_failures
+
 
 @click.group("featurestore", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="xray-featurestore")
@@ -27,6 +29,8 @@ def _register():
 
     for module in (demo, scan, extract, fit_heads, audit_labels, tables, index, search,
                    eval_search, near_duplicates, predict, report):
+        # Every command: a full disk or a dead worker is one line, not a traceback.
+        module.command.callback = one_line_failures(module.command.callback)
         main.add_command(module.command)
 
 

@@ -11,6 +11,7 @@ rename and their deletion are never read twice.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -129,9 +130,14 @@ class HDF5Format(TableFormat):
     suffix = ".h5"
 
     def write_part(self, path: Path, rows: Rows, lineage: Lineage) -> None:
-        with h5py.File(path, "w") as f:
+        # Built in memory (a part is at most rows_per_part rows), then written in one
+        # go: HDF5 does not survive a failed write (a full disk segfaulted h5py while
+        # it flushed), while Python's own write raises a plain OSError (ENOSPC).
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as f:
             _create_datasets(f, rows.n_features, lineage)
             _append(f, rows)
+        path.write_bytes(buffer.getbuffer())
 
     def open_segment(self, path: Path) -> Segment:
         return HDF5Segment(path)

@@ -16,6 +16,11 @@
   runs at the pace of the slower one; whenever another process wanted a core,
   its throughput halved. Two single-core workers keep the sum.
 
+  Each worker answers through its own pipe, and the parent waits on the pipes
+  and the processes together: a worker that dies (``kill -9``, the
+  out-of-memory killer) stops the run within a poll interval with a
+  ``WorkerDiedError`` naming its pid, never a hang; committed rows stay.
+
 Features do not depend on where a view is computed: every worker builds the
 same model (same weights file or same seeded initialisation) and every batch
 has the same shape (see ``pipelines.extract.loader``).
@@ -23,16 +28,19 @@ has the same shape (see ``pipelines.extract.loader``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
 import queue
+import signal
 import time
 import traceback
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from pipelines.errors import WorkerDiedError
 from pipelines.extract.loader import ImageTask, ViewRecipe, ViewRow, iter_batches
 
 #: Seconds between checks that the other side of a worker queue is alive.
@@ -159,8 +167,13 @@ def _thread_env(n_threads: int) -> dict[str, str]:
     }
 
 
-def _worker_main(index, settings, cores, task_q, result_q):
-    """Entry point of a spawned worker: pin, build, then compute until told to stop."""
+def _worker_main(index, settings, cores, task_q, conn):
+    """Entry point of a spawned worker: pin, build, then compute until told to stop.
+
+    Messages go to the parent through this worker's own pipe ``conn``, so a
+    worker killed halfway through a message can corrupt only its own pipe,
+    which the parent then reads as end-of-file.
+    """
     os.environ.update(_thread_env(len(cores)))
     parent = os.getppid()
     _exit_when_orphaned(parent)
@@ -172,12 +185,16 @@ def _worker_main(index, settings, cores, task_q, result_q):
 
             torch.set_num_threads(len(cores))
         engine = FeatureEngine(dataclasses.replace(settings, decode_threads=len(cores)))
-        result_q.put(("ready", index, None))
+        conn.send(("ready", None))
         for result in engine.run(_queued_tasks(task_q, parent)):
-            result_q.put(("result", index, result))
-        result_q.put(("done", index, None))
+            conn.send(("result", result))
+        conn.send(("done", None))
     except BaseException as err:  # report anything, then exit non-zero
-        result_q.put(("error", index, (err, traceback.format_exc())))
+        trace = traceback.format_exc()
+        try:
+            conn.send(("error", (err, trace)))
+        except Exception:  # the error itself does not pickle: send its text
+            conn.send(("error", (None, trace)))
         raise SystemExit(1) from None
 
 
@@ -229,13 +246,16 @@ def _run_pool(settings, tasks, n_workers, on_ready) -> Iterator[Result]:
 
     ctx = multiprocessing.get_context("spawn")  # never fork a process that holds a backend
     task_q = ctx.Queue(maxsize=2 * n_workers)  # bounded: the plan is fed lazily
-    result_q = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(i, settings, cores, task_q, result_q),
-                         daemon=True, name=f"extract-worker-{i}")
-             for i, cores in enumerate(core_groups(n_workers))]
-    for proc in procs:
+    procs, conns = [], []
+    for i, cores in enumerate(core_groups(n_workers)):
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker_main, args=(i, settings, cores, task_q, send),
+                           daemon=True, name=f"extract-worker-{i}")
         proc.start()
-    pool = _Pool(procs, task_q, result_q, _chunks(tasks, settings.batch_size), on_ready)
+        send.close()  # only the worker holds the sending end: its death reads as EOF
+        procs.append(proc)
+        conns.append(receive)
+    pool = _Pool(procs, conns, task_q, _chunks(tasks, settings.batch_size), on_ready)
     try:
         yield from pool.results()
     finally:
@@ -245,8 +265,8 @@ def _run_pool(settings, tasks, n_workers, on_ready) -> Iterator[Result]:
 class _Pool:
     """Parent side of the worker pool: feeds chunks, collects results, watches workers."""
 
-    def __init__(self, procs, task_q, result_q, chunks, on_ready):
-        self.procs, self.task_q, self.result_q = procs, task_q, result_q
+    def __init__(self, procs, conns, task_q, chunks, on_ready):
+        self.procs, self.conns, self.task_q = procs, conns, task_q
         self.chunks, self.on_ready = chunks, on_ready
         self.ready, self.done, self.fed_all, self.stops_sent = set(), set(), False, 0
         self.next_chunk = None
@@ -255,22 +275,57 @@ class _Pool:
         while len(self.done) < len(self.procs):
             if len(self.ready) == len(self.procs):
                 self._feed()
+            for index in self._wait():
+                kind, payload = self._receive(index)
+                if kind is None:
+                    continue
+                if kind == "result":
+                    yield payload
+                elif kind == "ready":
+                    self.ready.add(index)
+                    if len(self.ready) == len(self.procs) and self.on_ready:
+                        self.on_ready()
+                elif kind == "done":
+                    self.done.add(index)
+                else:
+                    err, trace = payload
+                    raise _worker_error(index, err, trace)
+
+    def _wait(self) -> list[int]:
+        """Workers with a message to read or that have exited (at most one poll interval)."""
+        from multiprocessing.connection import wait
+
+        waiting = {}
+        for i in range(len(self.procs)):
+            if i not in self.done:
+                waiting[self.conns[i]] = waiting[self.procs[i].sentinel] = i
+        return sorted({waiting[w] for w in wait(list(waiting), timeout=_POLL_S)})
+
+    def _receive(self, index: int):
+        """The next message of worker ``index``; a worker gone without one is an error."""
+        conn = self.conns[index]
+        if conn.poll():  # a message, or end-of-file once the worker is gone
             try:
-                kind, index, payload = self.result_q.get(timeout=_POLL_S)
-            except queue.Empty:
-                self._check_alive()
-                continue
-            if kind == "result":
-                yield payload
-            elif kind == "ready":
-                self.ready.add(index)
-                if len(self.ready) == len(self.procs) and self.on_ready:
-                    self.on_ready()
-            elif kind == "done":
-                self.done.add(index)
-            else:
-                err, trace = payload
-                raise _worker_error(index, err, trace)
+                return conn.recv()
+            except (EOFError, OSError):  # gone, perhaps halfway through a message
+                pass
+        elif self.procs[index].is_alive():
+            return None, None  # spurious wake-up: nothing to read yet
+        raise self._died(index)
+
+    def _died(self, index: int) -> WorkerDiedError:
+        proc = self.procs[index]
+        proc.join(timeout=_POLL_S)
+        code = proc.exitcode
+        if code is not None and code < 0:
+            how = f"signal {-code}"
+            with contextlib.suppress(ValueError):
+                how += f", {signal.Signals(-code).name}"
+        else:
+            how = f"exit code {code}"
+        return WorkerDiedError(
+            f"extract worker pid {proc.pid} died ({how}; killed, or out of memory?); "
+            f"committed rows are kept, rerun to resume.")
 
     def _feed(self) -> None:
         """Put chunks, then one stop marker per worker, while the queue has room."""
@@ -292,19 +347,18 @@ class _Pool:
                 return
             self.stops_sent += 1
 
-    def _check_alive(self) -> None:
-        for i, proc in enumerate(self.procs):
-            if i not in self.done and not proc.is_alive():
-                raise RuntimeError(
-                    f"Extract worker {i} (pid {proc.pid}) died with exit code {proc.exitcode} "
-                    f"(killed, or out of memory?); rerun the command to resume.")
-
     def stop(self) -> None:
         for proc in self.procs:
             if proc.is_alive():
                 proc.terminate()
         for proc in self.procs:
             proc.join(timeout=10)
+        for conn in self.conns:
+            conn.close()
+        # Chunks nobody will read must not hold this process at exit (the queue's
+        # feeder thread would wait for room in a pipe no worker reads any more).
+        self.task_q.cancel_join_thread()
+        self.task_q.close()
 
 
 def _worker_error(index, err, trace) -> BaseException:
