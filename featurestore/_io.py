@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 #: Prefix of in-flight files; readers and listings ignore anything starting with it.
 TMP_PREFIX = ".tmp-"
+_TMP_NAME = re.compile(rf"{re.escape(TMP_PREFIX)}[0-9a-f]{{8}}-(?P<target>.+)", re.DOTALL)
+#: First characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection").
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 def fsync_path(path: Path) -> None:
@@ -55,3 +59,57 @@ def remove_tmp_files(directory: Path) -> int:
                     entry.unlink()
                     removed += 1
     return removed
+
+
+def tmp_target(name: str) -> str | None:
+    """The file name a temporary of :func:`atomic_write` was written for; None if not ours."""
+    match = _TMP_NAME.fullmatch(name)
+    return match["target"] if match else None
+
+
+def remove_tmp_of(path: Path) -> int:
+    """Delete the temporaries that killed writers of ``path`` left beside it, nothing else.
+
+    For files in folders the project does not own (``predict --out``), where
+    :func:`remove_tmp_files` would also take a user's own ``.tmp-*`` files.
+    """
+    path, removed = Path(path), 0
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            if tmp_target(entry.name) == path.name and entry.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed += 1
+    return removed
+
+
+def neutralise_formula(value):
+    """``value`` with a ``'`` in front when a spreadsheet would run it as a formula.
+
+    A value already starting with ``'`` before such a character gets one more, so
+    :func:`restore_formula` gives every string back exactly.
+    """
+    if isinstance(value, str) and value.lstrip("'")[:1] in FORMULA_PREFIXES:
+        return "'" + value
+    return value
+
+
+def restore_formula(value):
+    """Undo :func:`neutralise_formula` (on a cell read back from one of our CSV files)."""
+    if isinstance(value, str) and value[:1] == "'" and value.lstrip("'")[:1] in FORMULA_PREFIXES:
+        return value[1:]
+    return value
+
+
+def write_csv(frame, path: Path) -> None:
+    """Write a DataFrame atomically as CSV (no index), every text cell and header made
+    safe for spreadsheets (:func:`neutralise_formula`); keep the raw values in Parquet."""
+    from pandas.api.types import is_bool_dtype, is_datetime64_any_dtype, is_numeric_dtype
+
+    safe = frame.rename(columns=neutralise_formula)
+    for column in safe.columns:
+        values = safe[column]
+        if not (is_numeric_dtype(values) or is_bool_dtype(values)
+                or is_datetime64_any_dtype(values)):  # text, whatever pandas calls its dtype
+            safe[column] = values.map(neutralise_formula)
+    atomic_write(Path(path), lambda tmp: safe.to_csv(tmp, index=False))

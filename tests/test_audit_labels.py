@@ -2,6 +2,7 @@
 flips found first, views stored beside (never in) the tables, held-out split untouched
 unless said, drops and relabels honoured by fit-heads, bad review files refused."""
 
+import csv
 import hashlib
 import re
 
@@ -24,11 +25,12 @@ CLASSES = (0, 1, 3, 8)
 QUIET = {"echo": lambda s: None}
 
 
-def build_store(root, images_dir, *, n_per_class=70, flip_fraction=0.1, seed=0):
+def build_store(root, images_dir, *, n_per_class=70, flip_fraction=0.1, seed=0, names=None):
     """Digits of four classes (train/test), one noisy augmented copy of each train image,
     real PNG files, and ``flip_fraction`` of the train labels changed at random.
 
-    Returns ``(lineage, flipped image ids, {image_id: true label})``.
+    Returns ``(lineage, flipped image ids, {image_id: true label})``; ``names`` maps a
+    digit to its class name (default ``d<digit>``).
     """
     X, y = load_digits(return_X_y=True)
     keep = np.concatenate([np.flatnonzero(y == c)[:n_per_class] for c in CLASSES])
@@ -37,12 +39,13 @@ def build_store(root, images_dir, *, n_per_class=70, flip_fraction=0.1, seed=0):
     rng = np.random.default_rng(seed)
     split = np.where(rng.random(len(y)) < 0.7, "train", "test")
     ids = np.array([f"{i:064x}" for i in keep])
-    true = np.array([f"d{v}" for v in y])
+    names = names or {c: f"d{c}" for c in CLASSES}
+    true = np.array([names[v] for v in y])
     given = true.copy()
     train = np.flatnonzero(split == "train")
     flips = rng.choice(train, size=int(round(flip_fraction * len(train))), replace=False)
     for i in flips:
-        given[i] = rng.choice([f"d{c}" for c in CLASSES if f"d{c}" != true[i]])
+        given[i] = rng.choice([names[c] for c in CLASSES if names[c] != true[i]])
     images_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for image_id, pixels in zip(ids, images):
@@ -330,3 +333,54 @@ def test_cli_accepts_top_k_and_lists_views(store):
     again = runner.invoke(main, ["audit-labels", "--store", str(root), "--table",
                                  "digits/max", "--accept-top", "3", "--view", "cli"])
     assert again.exit_code != 0 and "already exists" in again.output
+
+
+#: Class names a hostile colleague might give folders: formulas once a spreadsheet opens them.
+FORMULA_NAMES = {0: "=cmd|' -C calc'!A0", 1: "@SUM(1+1)", 3: "+HYPERLINK(1)", 8: "-2+3"}
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def test_suspects_csv_cells_cannot_start_a_formula_and_relabels_read_back_raw(tmp_path):
+    root = tmp_path / "store"
+    _, flips, true = build_store(root, tmp_path / "images", n_per_class=30,
+                                 names=FORMULA_NAMES)
+    fit(root, heads=["logreg"])
+    audit = run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", neighbours=0),
+                             **QUIET)
+    with open(audit.run_dir / "suspects.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and not [c for row in rows for c in row.values() if c.startswith(FORMULA_STARTS)]
+    raw = pd.read_parquet(audit.run_dir / "suspects.parquet")
+    assert set(raw["given_label"]) <= set(FORMULA_NAMES.values())  # Parquet: the real names
+    assert {row["given_label"] for row in rows} == {"'" + g for g in raw["given_label"]}
+    first = rows[0]
+    first["decision"], first["new_label"] = "relabel", "'" + true[first["image_id"]]
+    edited = tmp_path / "reviewed.csv"  # as a spreadsheet saves it: the quote kept
+    with open(edited, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(first))
+        writer.writeheader()
+        writer.writerows(rows)
+    view = run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", apply=edited,
+                                              view="fixed"), **QUIET).view
+    assert list(view.decisions["new_label"].dropna()) == [true[first["image_id"]]]
+
+
+def test_a_grown_table_warns_that_its_new_images_are_not_audited(store):
+    root, lin, _, _ = store
+    with Store(root).open("digits/max") as reader:
+        meta = reader.metadata()
+        train = np.flatnonzero((meta["split"] == "train") & (meta["aug_id"] == 0))[:5]
+        X = reader.read_features(train)
+    with Store(root).writer(lin, formats=("hdf5",)) as w:  # five new train images
+        w.append(X, image_id=[f"{i:064x}" for i in range(10_000, 10_005)],
+                 label=meta["label"].iloc[train], split=["train"] * 5,
+                 path=meta["path"].iloc[train])
+    said = []
+    audit = run_audit_labels(AuditLabelsConfig(store=root, table="digits/max", neighbours=0),
+                             echo=said.append)
+    warning = [line for line in said if line.startswith("Warning:")]
+    assert warning == [f"Warning: 5 train image(s) of table {lin.key} are not scored by the "
+                       f"heads (added after they were fitted, or dropped by their view) and "
+                       f"are not audited; rerun `featurestore fit-heads --table {lin.key}` "
+                       f"to cover them."]
+    assert len(audit.ranking) == int(((meta["split"] == "train") & (meta["aug_id"] == 0)).sum())

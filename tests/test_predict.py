@@ -1,5 +1,6 @@
 """predict end to end on a real tiny store: digit images, random-weight DenseNet at 32 px."""
 
+import csv
 import os
 import shutil
 from types import SimpleNamespace
@@ -214,6 +215,60 @@ def test_weights_that_differ_from_the_lineage_are_refused(fitted, tmp_path):
         outputs.append(result.output)
     assert "have SHA-256" in outputs[0] and str(wrong) in outputs[0]  # both hashes named
     assert "pass that file" in outputs[1]  # no --weights: says which file is needed
+
+
+#: Class names a hostile colleague might give folders: formulas when a spreadsheet opens them.
+FORMULA_NAMES = {"3": "=cmd|' -C calc'!A0", "8": "@SUM(1+1)"}
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def test_csv_output_cells_cannot_start_a_formula_and_parquet_keeps_them(fitted, tmp_path,
+                                                                        monkeypatch):
+    from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+
+    store = tmp_path / "store"  # the fitted table with its classes renamed
+    with Store(fitted.store).open(fitted.key) as reader:
+        meta, X, lineage = reader.metadata(), reader.read_features(), reader.lineage
+    with Store(store).writer(lineage) as writer:
+        writer.append(X, image_id=meta["image_id"], aug_id=meta["aug_id"],
+                      label=meta["label"].map(FORMULA_NAMES), split=meta["split"],
+                      path=meta["path"])
+    run_fit_heads(FitHeadsConfig(store=store, table=lineage.key, heads=["logreg"],
+                                 search="none", cv=3), echo=lambda _: None)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(fitted.files[0], "+HYPERLINK(1).png")  # a path cell starting with +
+    inputs = ["+HYPERLINK(1).png", *map(str, fitted.files[1:6])]
+    for out in ("pred.csv", "pred.parquet"):
+        result = CliRunner().invoke(main, ["predict", *inputs, "--store", str(store),
+                                           "--model", MODEL, "--out", out])
+        assert result.exit_code == 0, result.output
+    with open("pred.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert not [c for row in rows for c in row if c.startswith(FORMULA_STARTS)]
+    raw = pd.read_parquet("pred.parquet")  # the real values
+    assert raw["path"][0] == "+HYPERLINK(1).png" and rows[1][0] == "'+HYPERLINK(1).png"
+    assert set(raw["predicted"]) <= set(FORMULA_NAMES.values())
+    assert [r[-2] for r in rows[1:]] == ["'" + label for label in raw["predicted"]]
+    assert {f"proba_{name}" for name in FORMULA_NAMES.values()} <= set(raw.columns)
+
+
+def test_out_in_a_missing_folder_is_refused_and_stale_tmp_outputs_are_cleaned(fitted,
+                                                                              tmp_path):
+    args = ["predict", str(fitted.files[0]), "--store", str(fitted.store), "--model", MODEL]
+    out = tmp_path / "missing" / "dir" / "x.csv"
+    result = CliRunner().invoke(main, args + ["--out", str(out)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"Error: out folder {out.parent} does not exist; create it first or choose another "
+        f"--out."]
+    assert not (tmp_path / "missing").exists()
+    stale = tmp_path / ".tmp-0123abcd-x.csv"  # left by a run killed while writing x.csv
+    stale.write_text("half")
+    mine = tmp_path / ".tmp-notes.txt"  # a user's own file: not ours to delete
+    mine.write_text("keep")
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "x.csv")])
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and mine.read_text() == "keep"
 
 
 def _fit_on_random_features(store, lineage):

@@ -22,6 +22,7 @@ from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
 from pipelines.heads.leaderboard import read_leaderboard
 from pipelines.heads.models import HELDOUT_FILE, model_dir
 from pipelines.report.run import ReportConfig, run_report
+from pipelines.report.folder import MARKER
 from pipelines.scan import ScanConfig, run_scan
 
 CLASSES = (3, 8)
@@ -274,6 +275,7 @@ def test_a_rebuilt_report_replaces_the_old_one_and_foreign_folders_are_refused(s
     out = tmp_path / "report"
     stale = tmp_path / ".report.building-999999999"  # left by a killed build (no such pid)
     (stale / "figures").mkdir(parents=True)
+    (stale / MARKER).write_text(json.dumps({"store": str(root), "files": None}))
     build(root, out, map="pca")
     assert not stale.exists()
     assert any((out / "thumbs").iterdir())
@@ -283,9 +285,95 @@ def test_a_rebuilt_report_replaces_the_old_one_and_foreign_folders_are_refused(s
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
-    with pytest.raises(FeatureStoreError, match="not an earlier report"):
+    with pytest.raises(FeatureStoreError, match="holds no earlier report"):
         build(root, foreign)
     assert (foreign / "notes.txt").read_text() == "keep"
+
+
+@pytest.fixture(scope="module")
+def bare_store(tmp_path_factory):
+    """A scanned store without tables or models: the quickest report to build."""
+    base = tmp_path_factory.mktemp("bare")
+    run_scan(ScanConfig(dataset=write_dataset(base / "digits"), store=base / "store",
+                        progress=False))
+    return base / "store"
+
+
+def test_cli_refuses_a_users_folder_that_merely_holds_a_report_json(bare_store, tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "src").mkdir(parents=True)
+    (victim / "report.json").write_text("{}")
+    (victim / "src" / "thesis.tex").write_text("x")
+    result = CliRunner().invoke(main, ["report", "--store", str(bare_store), "--out",
+                                       str(victim), "--map", "pca"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"Error: out {victim} is not empty and holds no earlier report (no "
+        f".featurestore-report.json); choose an empty or new folder."]
+    assert (victim / "src" / "thesis.tex").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]  # no build folder left
+
+
+def test_a_report_folder_with_a_users_file_or_of_another_store_is_kept(bare_store, tmp_path):
+    out = tmp_path / "r"
+    build(bare_store, out, map="pca")
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["store"] == str(bare_store.resolve())
+    assert {"index.html", "report.json", "figures/dataset-counts.png"} <= set(marker["files"])
+    assert sorted(marker["files"]) == sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
+        and p.name != MARKER)
+    (out / "figures" / "mine.png").write_bytes(b"a user's figure")
+    with pytest.raises(FeatureStoreError, match=r"files the report did not write "
+                                                r"\(figures/mine.png\)"):
+        build(bare_store, out, map="pca")
+    assert (out / "figures" / "mine.png").read_bytes() == b"a user's figure"
+    (out / "figures" / "mine.png").unlink()
+    other = tmp_path / "other"
+    shutil.copytree(bare_store, other)
+    with pytest.raises(FeatureStoreError, match=f"report of store {bare_store.resolve()}"):
+        build(other, out, map="pca")
+    (out / ".tmp-0123abcd-index.html").write_text("killed mid-write")  # ours: cleaned
+    build(bare_store, out, map="pca")
+    assert not list(out.glob(".tmp-*")) and not list(tmp_path.glob(".r.*"))
+
+
+def test_the_stores_own_report_is_rebuilt_even_from_a_copy_or_an_older_version(bare_store,
+                                                                              tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bare_store, copy)
+    build(copy, copy / "report", map="pca")
+    moved = tmp_path / "moved"
+    copy.rename(moved)  # the marker names the old path; STORE/report is still the store's
+    build(moved, moved / "report", map="pca")
+    own = moved / "report"
+    (own / MARKER).unlink()  # as written before markers: only report.json said "report"
+    build(moved, own, map="pca")
+    assert (own / MARKER).exists()
+    (own / MARKER).unlink()
+    (own / "notes.txt").write_text("keep")
+    with pytest.raises(FeatureStoreError, match="holds no earlier report"):
+        build(moved, own, map="pca")
+    assert (own / "notes.txt").read_text() == "keep"
+
+
+def test_only_our_marked_build_folders_of_dead_runs_are_removed(bare_store, tmp_path):
+    out = tmp_path / "r"
+    dead = 999999999
+    ours = tmp_path / f".r.building-{dead}"
+    (ours / "figures").mkdir(parents=True)
+    (ours / MARKER).write_text(json.dumps({"store": "x", "files": None}))
+    unmarked = tmp_path / f".r.building-{dead - 1}"  # right name, no marker: not ours
+    unmarked.mkdir()
+    (unmarked / "data.txt").write_text("keep")
+    old = tmp_path / f".r.old-{dead}"  # an old report parked by a killed swap
+    old.mkdir()
+    (old / "index.html").write_text("old")
+    (old / "extra.txt").write_text("appeared later")
+    (old / MARKER).write_text(json.dumps({"store": "x", "files": ["index.html"]}))
+    build(bare_store, out, map="pca")
+    assert not ours.exists() and (unmarked / "data.txt").read_text() == "keep"
+    assert sorted(p.name for p in old.iterdir()) == ["extra.txt"]  # only listed files go
 
 
 def test_bad_options_fail_early_with_the_choices(store, tmp_path):

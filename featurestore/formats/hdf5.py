@@ -29,6 +29,7 @@ from featurestore.rows import META_COLUMNS, Rows
 CONSOLIDATED = "features.h5"
 _ABSORBED_ATTR = "featurestore.absorbed_parts"
 _CHUNK_BYTES = 4 << 20  # ~4 MiB feature chunks: full reads at memcpy speed, cheap batches
+_META_CHUNK_ROWS = 4096
 
 
 def _open(path: Path) -> h5py.File:
@@ -85,13 +86,20 @@ def _encode(values: np.ndarray) -> np.ndarray:
     return encoded if encoded.dtype.itemsize else encoded.astype("S1")
 
 
-def _create_datasets(f: h5py.File, n_features: int, lineage: Lineage) -> None:
+def _create_datasets(f: h5py.File, n_features: int, lineage: Lineage,
+                     n_rows: int | None = None) -> None:
+    """Empty datasets; ``n_rows`` sizes the chunks of a part file that will hold exactly
+    that many rows (None: a growing consolidated file, full-size chunks)."""
+    # HDF5 allocates whole chunks, so a 32-row part with ~4 MiB chunks took 4.5 MB.
     chunk_rows = max(1, _CHUNK_BYTES // (4 * n_features))
+    meta_rows = _META_CHUNK_ROWS
+    if n_rows is not None:
+        chunk_rows, meta_rows = max(1, min(chunk_rows, n_rows)), max(1, min(meta_rows, n_rows))
     f.create_dataset("features", shape=(0, n_features), maxshape=(None, n_features),
                      dtype=np.float32, chunks=(chunk_rows, n_features))
     for name in META_COLUMNS:
         dtype = np.int32 if name == "aug_id" else "S1"
-        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(4096,))
+        f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(meta_rows,))
     f.attrs[LINEAGE_ATTR] = lineage.to_json()
     f.attrs[KEY_ATTR] = lineage.key
     f.attrs[VERSION_ATTR] = FORMAT_VERSION
@@ -101,10 +109,9 @@ def _widen(f: h5py.File, name: str, itemsize: int) -> None:
     # String columns are fixed-width UTF-8: h5py reads them ~20x faster than
     # variable-length strings. A longer value makes the column wider, rewriting
     # only that (small) column of the file being built.
-    old = f[name][...]
+    old, chunks = f[name][...], f[name].chunks
     del f[name]
-    f.create_dataset(name, data=old.astype(f"S{itemsize}"), maxshape=(None,),
-                     chunks=(4096,))
+    f.create_dataset(name, data=old.astype(f"S{itemsize}"), maxshape=(None,), chunks=chunks)
 
 
 def _append(f: h5py.File, columns) -> tuple[int, int]:
@@ -135,7 +142,7 @@ class HDF5Format(TableFormat):
         # it flushed), while Python's own write raises a plain OSError (ENOSPC).
         buffer = io.BytesIO()
         with h5py.File(buffer, "w") as f:
-            _create_datasets(f, rows.n_features, lineage)
+            _create_datasets(f, rows.n_features, lineage, n_rows=len(rows))
             _append(f, rows)
         path.write_bytes(buffer.getbuffer())
 

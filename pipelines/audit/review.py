@@ -14,19 +14,25 @@ from pathlib import Path
 import pandas as pd
 
 from featurestore import FeatureStoreError
+from featurestore._io import restore_formula
 from featurestore.views import ACTIONS
 
 ACCEPT_AS = ("drop", "relabel")
 
 
 def read_decisions(path: str | Path) -> pd.DataFrame:
-    """The edited decisions file (CSV or Parquet) as strings; blanks are ``""``."""
+    """The edited decisions file (CSV or Parquet) as strings; blanks are ``""``.
+
+    A CSV's cells lose the ``'`` that :func:`featurestore._io.write_csv` put before
+    formula-like text, so a relabel to a class named ``=x`` means ``=x``.
+    """
     path = Path(path)
     try:
         if path.suffix.lower() == ".parquet":
             frame = pd.read_parquet(path)
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+            frame = frame.rename(columns=restore_formula).map(restore_formula)
     except (OSError, ValueError) as err:
         raise FeatureStoreError(f"Cannot read decisions file {path}: {err}") from err
     if "decision" not in frame and "action" in frame:

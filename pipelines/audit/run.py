@@ -36,7 +36,7 @@ import pandas as pd
 from classifiers.errors import ClassifierError
 from classifiers.label_issues import METHODS, rank_label_issues
 from featurestore import FeatureStoreError, Store
-from featurestore._io import atomic_write, atomic_write_text
+from featurestore._io import atomic_write, atomic_write_text, write_csv
 from featurestore.views import View, ViewStore, check_view_name
 from pipelines.audit.gallery import write_gallery
 from pipelines.audit.review import ACCEPT_AS, accept_top, check_decisions, read_decisions
@@ -153,6 +153,7 @@ def run_audit_labels(config: AuditLabelsConfig, echo: Callable[[str], None] = pr
 def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditLabelsConfig,
            echo) -> AuditResult:
     scores = load_scores(store, key, config.heads, config.split)
+    _warn_unscored(images, scores.image_id, key, config.split, echo)
     issues = rank_label_issues(scores.labels, scores.proba, method=config.method,
                                below=config.below, above=config.above)
     classes = np.asarray(scores.classes)
@@ -161,7 +162,7 @@ def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditLabelsConf
     suspects = ranking[ranking["flagged"]].head(config.top)[list(SUSPECT_COLUMNS)]
     run_dir = _new_run_dir(store, key, config)
     atomic_write(run_dir / "suspects.parquet", lambda t: suspects.to_parquet(t, index=False))
-    atomic_write(run_dir / "suspects.csv", lambda t: suspects.to_csv(t, index=False))
+    write_csv(suspects, run_dir / "suspects.csv")  # formula-safe; the Parquet keeps raw text
     context = {"table_key": key, "split": config.split, "method": config.method,
                "heads": scores.heads, "n_flagged": int(issues.flagged.sum()),
                "n_rows": len(ranking)}
@@ -179,6 +180,17 @@ def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditLabelsConf
                              context=context)
         echo(f"Gallery: {page}")
     return AuditResult(key, config.method, scores.heads, ranking, suspects, run_dir)
+
+
+def _warn_unscored(images: pd.DataFrame, scored: np.ndarray, key: str, split: str,
+                   echo) -> None:
+    """Say how many ``split`` images of the table the heads' predictions do not cover."""
+    wanted = images.loc[images["split"] == split, "image_id"]
+    missing = int((~wanted.isin(set(scored))).sum())
+    if missing:
+        echo(f"Warning: {missing} {split} image(s) of table {key} are not scored by the heads "
+             f"(added after they were fitted, or dropped by their view) and are not audited; "
+             f"rerun `featurestore fit-heads --table {key}` to cover them.")
 
 
 def _ranking(scores, issues, path_of: dict) -> pd.DataFrame:

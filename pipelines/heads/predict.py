@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from classifiers.errors import ClassifierError
 from classifiers.metrics import decide
 from featurestore import FeatureStoreError, Lineage, LineageMismatchError, Store, TableReader
-from featurestore._io import atomic_write
+from featurestore._io import atomic_write, remove_tmp_of, write_csv
 from featurestore.layout import IMAGE_EXTENSIONS
 from featurestore.scan import hash_file, inspect_image
 from featurestore.tablefiles import LINEAGE_FILE
@@ -214,6 +214,9 @@ def _check_config(config: PredictConfig) -> None:
     if Path(config.out).suffix.lower() not in OUTPUT_FORMATS:
         raise FeatureStoreError(f"out must end in {' or '.join(OUTPUT_FORMATS)}; "
                                 f"got {str(config.out)!r}.")
+    if not Path(config.out).parent.is_dir():  # a typo must not create folders
+        raise FeatureStoreError(f"out folder {Path(config.out).parent} does not exist; "
+                                f"create it first or choose another --out.")
     if config.batch_size < 1:
         raise FeatureStoreError(f"batch_size must be >= 1; got {config.batch_size}.")
     if config.workers is not None and config.workers < 1:
@@ -376,13 +379,14 @@ def _frame(files, image_ids, errors: dict[str, str], scores, model: SavedModel) 
 
 
 def write_predictions(frame: pd.DataFrame, out: str | Path) -> None:
-    """Write ``frame`` atomically as CSV or Parquet, by ``out``'s extension."""
+    """Write ``frame`` atomically as CSV (formula cells neutralised) or Parquet (raw values),
+    by ``out``'s extension, into an existing folder."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_tmp_of(out)  # what a killed earlier run left beside its output
     if out.suffix.lower() == ".parquet":
         atomic_write(out, lambda tmp: frame.to_parquet(tmp, index=False))
     else:
-        atomic_write(out, lambda tmp: frame.to_csv(tmp, index=False))
+        write_csv(frame, out)
 
 
 # -- command line ------------------------------------------------------------------

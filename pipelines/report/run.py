@@ -14,13 +14,14 @@ The output folder opens from disk without a server::
 
 It is built in a hidden sibling folder and swapped into place at the end, so a
 half-built report is never mistaken for a finished one; the next run removes
-what a killed build left behind.
+what a killed build left behind. Only a folder that the report itself wrote
+(its ``.featurestore-report.json`` marker lists every file) is ever replaced:
+see :mod:`pipelines.report.folder`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -43,10 +44,10 @@ from pipelines.report.sections import (Grid, StudyReader, comparison_sections,
                                        dataset_section, default_storage, leaderboard_grid,
                                        model_section)
 from pipelines.report import figures
+from pipelines.report.folder import check_out, finish, remove_stale, start_building
 
-REPORT_DIR = "report"
-#: File that marks a folder as a report, so only reports are ever replaced.
-MARKER = "report.json"
+#: What the report covers and the seconds each part took.
+SUMMARY_FILE = "report.json"
 
 
 @dataclass
@@ -55,7 +56,7 @@ class ReportConfig:
     """Store folder to report on."""
     out: Path | None = None
     """Output folder; default ``STORE/report``. An existing folder is replaced only if it
-    holds an earlier report (or nothing)."""
+    is empty or holds only an earlier report of this store (``pipelines.report.folder``)."""
     map: str = "tsne"
     """Second 2-D map beside PCA: ``tsne``, ``umap`` (needs umap-learn) or ``pca`` (PCA only)."""
     map_points: int = 20_000
@@ -77,60 +78,27 @@ def _check_config(config: ReportConfig) -> tuple[Store, Path]:
         if not isinstance(value, int) or value < 0:
             raise FeatureStoreError(f"{name} must be an integer >= 0; got {value!r}.")
     store = Store(config.store, create=False)
-    out = Path(config.out) if config.out is not None else store.root / REPORT_DIR
-    if out.exists() and (not out.is_dir() or (any(out.iterdir())
-                                              and not (out / MARKER).exists())):
-        raise FeatureStoreError(f"out {out} exists and is not an earlier report (no {MARKER}); "
-                                f"choose an empty or new folder.")
+    out = Path(config.out) if config.out is not None else store.paths.report
+    check_out(out, store.root, own=out.resolve() == store.paths.report.resolve())
     return store, out
 
 
 def run_report(config: ReportConfig, echo: Callable[[str], None] = print) -> Path:
     """Build the report and return the path of its ``index.html``."""
     store, out = _check_config(config)
-    building = out.parent / f".{out.name}.building-{os.getpid()}"
-    _remove_stale(out)
-    building.mkdir(parents=True)
+    remove_stale(out)
+    building = start_building(out, store.root)
     try:
         summary = _build(store, config, building, echo)
         render_page(building, "pipelines.report", "report.html", **summary.pop("context"))
-        (building / MARKER).write_text(json.dumps(summary, indent=2, default=str))
-        _swap(building, out)
+        (building / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+        finish(building, out, store.root, echo)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items())
     echo(f"Report: {out / 'index.html'} ({timings})")
     return out / "index.html"
-
-
-def _remove_stale(out: Path) -> None:
-    """Delete build folders left by killed runs (their process is gone) and our own."""
-    for folder in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, pid = folder.name[len(out.name) + 2:].rpartition("-")
-        if kind in ("building", "old") and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a leftover of an earlier run that had our pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _swap(building: Path, out: Path) -> None:
-    """Put the finished folder at ``out``; an earlier report is removed only afterwards."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(building, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class _Clock:
@@ -256,5 +224,11 @@ def command(store, out, map_, map_points, map_sample, gallery_size, storage, see
                           seed=seed)
     try:
         run_report(config, echo=click.echo)
-    except FeatureStoreError as err:
-        raise click.ClickException(str(err)) from err
+    except (FeatureStoreError, ValueError) as err:
+        raise _CommandFailed(str(err)) from err
+
+
+class _CommandFailed(click.ClickException):
+    """A refused folder or bad option: ``Error: <message>``, exit status 2 like every command."""
+
+    exit_code = 2
