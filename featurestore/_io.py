@@ -1,12 +1,15 @@
-"""Crash-safe file writes: write a hidden temporary, fsync, then rename into place."""
+"""Crash-safe file writes (write a hidden temporary, fsync, then rename into place), file
+hashing and the UTC timestamps that the store's records carry."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 #: Prefix of in-flight files; readers and listings ignore anything starting with it.
@@ -14,6 +17,23 @@ TMP_PREFIX = ".tmp-"
 _TMP_NAME = re.compile(rf"{re.escape(TMP_PREFIX)}[0-9a-f]{{8}}-(?P<target>.+)", re.DOTALL)
 #: First characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection").
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+#: Bytes read at a time by :func:`hash_file`.
+HASH_BLOCK_BYTES = 1 << 20
+
+
+def hash_file(path: str | bytes | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of the file's bytes, streamed in 1 MiB blocks (any ``hashlib`` name)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(HASH_BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def utc_now() -> str:
+    """Current UTC time as ISO 8601, to the second: ``2026-12-01T18:44:04+00:00``."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def fsync_path(path: Path) -> None:

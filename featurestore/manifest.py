@@ -29,15 +29,15 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import urllib.parse
 from collections import Counter, defaultdict
-from contextlib import contextmanager
-from datetime import datetime, timezone
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import pandas as pd
 
+from featurestore import _sqlite
+from featurestore._io import utc_now
 from featurestore.errors import FeatureStoreError
 from featurestore.layout import display, is_within
 from featurestore.splits import SPLITS
@@ -87,11 +87,6 @@ ON CONFLICT (path) DO UPDATE SET
 """
 
 
-def now_iso() -> str:
-    """Current UTC time as ISO 8601, to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 class Manifest:
     """A dataset manifest stored as a SQLite file.
 
@@ -106,12 +101,9 @@ class Manifest:
 
     def __init__(self, path: str | os.PathLike, *, create: bool = False):
         self.path = Path(path)
-        mode = "rwc" if create else "rw"
-        uri = f"file:{urllib.parse.quote(os.fsencode(self.path.absolute()))}?mode={mode}"
         try:
-            # isolation_level=None: transactions are opened explicitly by transaction().
-            self._conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-            self._conn.executescript(_SCHEMA)
+            self._conn = _sqlite.connect(self.path, mode="rwc" if create else "rw",
+                                         schema=_SCHEMA)
         except sqlite3.Error as err:
             hint = "" if create else " (pass create=True, or run `featurestore scan`, to make a new one)"
             raise FeatureStoreError(f"Cannot open manifest {self.path}: {err}{hint}") from err
@@ -134,16 +126,9 @@ class Manifest:
     def __repr__(self) -> str:
         return f"Manifest({str(self.path)!r}, root={str(self.root) if self.root else None!r})"
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         """Run the block as one atomic write: all of it is committed, or none of it."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+        return _sqlite.transaction(self._conn)
 
     # -- meta -------------------------------------------------------------------------------
 
@@ -281,7 +266,7 @@ class Manifest:
 
     def replace_rejected(self, rows: Iterable[tuple[str, bytes, str, int | None]]) -> None:
         """Replace the ``rejected`` table by ``(path, raw_path, reason, size_bytes)`` rows."""
-        seen_at = now_iso()
+        seen_at = utc_now()
         self._conn.execute("DELETE FROM rejected")
         self._conn.executemany(
             "INSERT INTO rejected (path, raw_path, reason, size_bytes, seen_at) VALUES (?, ?, ?, ?, ?)",

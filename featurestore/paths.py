@@ -88,8 +88,9 @@ class StorePaths:
 
     @property
     def optuna_url(self) -> str:
-        """The default Optuna storage URL (SQLite beside the tables)."""
-        return f"sqlite:///{self.optuna}"
+        """The default Optuna storage URL (SQLite beside the tables), absolute so that it
+        names the same file from any working directory."""
+        return f"sqlite:///{self.optuna.resolve()}"
 
     @property
     def views(self) -> Path:
@@ -130,3 +131,7 @@ def table_pending(table_dir: Path) -> Path:
 
 def table_lineage_file(table_dir: Path) -> Path:
     return Path(table_dir) / LINEAGE_FILE
+
+
+def table_near_duplicates(table_dir: Path) -> Path:
+    return Path(table_dir) / NEAR_DUPLICATES_FILE

@@ -13,7 +13,6 @@ so a scan killed midway loses at most one batch of hashing work.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from itertools import islice
@@ -24,13 +23,13 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from featurestore._io import HASH_BLOCK_BYTES, hash_file, utc_now  # noqa: F401 (re-exported)
 from featurestore.errors import ScanError
 from featurestore.layout import CLASS_FOLDERS, IMAGE_EXTENSIONS, Candidate, Rejection, display, walk_dataset
-from featurestore.manifest import Manifest, now_iso
+from featurestore.manifest import Manifest
 from featurestore.splits import assign_splits, split_targets
 
 BATCH_SIZE = 256
-HASH_BLOCK_BYTES = 1 << 20
 _SUMMARY_LIST_LIMIT = 20
 
 
@@ -166,7 +165,7 @@ def _scan_locked(root: Path, manifest: Manifest, targets: dict, seed: int, progr
         if tree.layout == CLASS_FOLDERS:
             _place_pending(manifest, targets, seed)
         manifest.replace_rejected((r.path, r.raw_path, r.reason, r.size_bytes) for r in rejections)
-        manifest.set_meta(**settings, last_scan_at=now_iso())
+        manifest.set_meta(**settings, last_scan_at=utc_now())
     used_dirs = {candidate.class_dir for candidate in tree.candidates if candidate.path in accepted}
     result.empty_class_dirs = sorted(set(tree.class_dirs) - used_dirs)
     _fill_report(result, manifest, rejections)
@@ -222,15 +221,6 @@ class _Rejected(Exception):
         self.rejection = Rejection(candidate.raw_path, candidate.path, reason, candidate.size_bytes)
 
 
-def hash_file(path: str | bytes | os.PathLike) -> str:
-    """SHA-256 hex digest of the file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(HASH_BLOCK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def inspect_image(path: str | bytes | os.PathLike) -> tuple[int, int, str, str]:
     """``(width, height, mode, format)`` read from the image header by Pillow, without decoding pixels.
 
@@ -264,7 +254,7 @@ def _read_image(root_b: bytes, candidate: Candidate) -> dict:
         "path": candidate.path, "raw_path": candidate.raw_path, "image_id": image_id,
         "label": candidate.label, "split": candidate.split, "size_bytes": candidate.size_bytes,
         "mtime_ns": candidate.mtime_ns, "width": width, "height": height, "mode": mode,
-        "format": fmt, "missing": 0, "added_at": now_iso(),
+        "format": fmt, "missing": 0, "added_at": utc_now(),
     }  # fmt: skip
 
 

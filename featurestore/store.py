@@ -57,6 +57,14 @@ class Store:
         self.paths = StorePaths(self.root)
         """Every file and folder of the store (:class:`featurestore.paths.StorePaths`)."""
 
+    @classmethod
+    def of(cls, store: str | Path | Store, *, create: bool = True) -> Store:
+        """``store`` itself if it is a :class:`Store`, else the store rooted at that path.
+
+        For public entry points that accept a path too; stages pass the ``Store``.
+        """
+        return store if isinstance(store, Store) else cls(store, create=create)
+
     @property
     def tables_dir(self) -> Path:
         return self.paths.tables

@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from featurestore import _sqlite
+from featurestore._io import utc_now
 from featurestore.errors import FeatureStoreError
-from featurestore.manifest import now_iso
 from featurestore.reader import FeatureArrays
+from featurestore.store import Store
 
-VIEWS_FILE = "views.sqlite"
 ACTIONS = ("keep", "relabel", "drop")
 #: Columns of a view's decisions frame.
 DECISION_COLUMNS = ("image_id", "action", "new_label", "who", "decided_at", "why")
@@ -144,13 +145,11 @@ def apply_view(arrays: FeatureArrays, view: View) -> tuple[FeatureArrays, ViewEf
 class ViewStore:
     """The views of one store (``STORE/views.sqlite``)."""
 
-    def __init__(self, store_root: str | Path):
-        self.path = Path(store_root) / VIEWS_FILE
+    def __init__(self, store: str | Path | Store):
+        self.path = Store.of(store, create=False).paths.views
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        conn.executescript(_SCHEMA)
-        return conn
+        return _sqlite.connect(self.path, schema=_SCHEMA)
 
     def names(self) -> list[str]:
         if not self.path.exists():
@@ -221,23 +220,18 @@ class ViewStore:
         """
         check_view_name(name)
         frame = _normalise(decisions, author)
-        with closing(self._connect()) as conn:
-            conn.execute("BEGIN IMMEDIATE")  # one creator at a time picks the next revision
-            try:
-                last = self._last_revision(conn, name)
-                if last is not None and not replace:
-                    raise self._exists_error(name, last)
-                revision = (last or 0) + 1
-                conn.execute("INSERT INTO views VALUES (?, ?, ?, ?, ?, ?, ?)", (
-                    name, revision, now_iso(), author, int(covers_heldout),
-                    json.dumps(source, sort_keys=True, default=str),
-                    decisions_digest(frame, covers_heldout)))
-                conn.executemany("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
-                    (name, revision, *row) for row in frame.itertuples(index=False)])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        # BEGIN IMMEDIATE: one creator at a time picks the next revision.
+        with closing(self._connect()) as conn, _sqlite.transaction(conn):
+            last = self._last_revision(conn, name)
+            if last is not None and not replace:
+                raise self._exists_error(name, last)
+            revision = (last or 0) + 1
+            conn.execute("INSERT INTO views VALUES (?, ?, ?, ?, ?, ?, ?)", (
+                name, revision, utc_now(), author, int(covers_heldout),
+                json.dumps(source, sort_keys=True, default=str),
+                decisions_digest(frame, covers_heldout)))
+            conn.executemany("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
+                (name, revision, *row) for row in frame.itertuples(index=False)])
         return self.get(name, revision)
 
 
@@ -248,7 +242,7 @@ def _normalise(decisions: pd.DataFrame, author: str) -> pd.DataFrame:
     if missing:
         raise FeatureStoreError(f"Decisions lack column(s) {missing}; need "
                                 f"{', '.join(DECISION_COLUMNS)}.")
-    defaults = {"new_label": None, "who": author, "decided_at": now_iso(), "why": ""}
+    defaults = {"new_label": None, "who": author, "decided_at": utc_now(), "why": ""}
     for column, value in defaults.items():
         if column not in frame:
             frame[column] = value
