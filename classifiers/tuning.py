@@ -54,7 +54,8 @@ from classifiers.errors import ClassifierError
 from classifiers.metrics import Objective, score
 from classifiers.registry import create_head, get_head_spec
 from classifiers.studies import (FAIL_REASON, GRACE_SECONDS, LOCK_TIMEOUT, TrialSeededSampler,
-                                 counted_failures, get_storage, requeue_killed, study_lock)
+                                 counted_failures, get_storage, is_killed, requeue_killed,
+                                 study_lock)
 from classifiers.workers import FoldWorker
 
 __all__ = ["TuningError", "TuningResult", "get_storage", "head_fixed_params", "study_name",
@@ -219,10 +220,10 @@ class _Tuning:
         self.best: tuple[int, float, np.ndarray] | None = None
         self.worker: FoldWorker | None = None
         self.durations: list[float] = []
-        self.retried = 0
+        self.retried, self.current = 0, -1
 
     def objective(self, trial: optuna.Trial) -> float:
-        started = time.perf_counter()
+        started, self.current = time.perf_counter(), trial.number
         try:
             try:
                 params = {**self.spec.search_space(trial), **self.fixed}
@@ -272,11 +273,30 @@ class _Tuning:
             done, running, failed = self._counts()
             if done + running >= n_trials or failed >= n_trials or _past(deadline):
                 return running
-            with _quiet_optuna():
-                self.study.optimize(self.objective, n_trials=1, catch=(Exception,))
+            try:
+                with _quiet_optuna():
+                    self.study.optimize(self.objective, n_trials=1, catch=(Exception,))
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                if not self._taken_over():
+                    raise
             return None
         finally:
             self._release()  # if the trial did not get as far as its parameters
+
+    def _taken_over(self) -> bool:
+        """Whether another process declared the current trial killed and queued it again.
+
+        That happens when this process gave no heartbeat for the grace period
+        (suspended, or starved): Optuna then refuses to record the trial here.
+        """
+        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == self.current)
+        if not is_killed(trial):
+            return False
+        _log.warning("Study %s: trial %d was declared killed by another process (no heartbeat "
+                     "in time) and queued again; going on.", self.study.study_name, trial.number)
+        if self.best is not None and self.best[0] == trial.number:
+            self.best = None
+        return True
 
     def _acquire(self) -> None:
         try:

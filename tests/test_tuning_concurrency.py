@@ -6,6 +6,7 @@ seeds, the schema creation and the heartbeat are exercised as they are by two
 ``fit-heads`` runs on one store.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from classifiers import get_head_spec, registry
 from classifiers.studies import RETRY_OF, get_storage
 from classifiers.tuning import tune_head
 from tests.tuning_worker import digits_problem
@@ -87,3 +89,29 @@ def test_a_trial_killed_while_running_is_retried_and_does_not_count(tmp_path):
     assert retry[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 4 and len(trials) == 5
+
+
+def test_a_trial_declared_killed_while_its_process_lives_is_redone_not_an_error(
+        tmp_path, monkeypatch):
+    # What a second process's heartbeat check does to a trial of a suspended
+    # process: it marks the trial failed behind its back.
+    url = f"sqlite:///{tmp_path / 'optuna.sqlite'}"
+    other = optuna.storages.RDBStorage(url)
+    spec = get_head_spec("logreg")
+
+    def space(trial):
+        params = spec.search_space(trial)
+        if trial.number == 1:
+            study_id = other.get_study_id_from_name("suspended")
+            other.set_trial_state_values(
+                other.get_trial_id_from_study_id_trial_number(study_id, 1), TrialState.FAIL)
+        return params
+
+    monkeypatch.setitem(registry._REGISTRY, "logreg", dataclasses.replace(spec, search_space=space))
+    X, y, groups, folds, objective = digits_problem()
+    result = tune_head("logreg", X, y, groups, folds, objective=objective, n_trials=3,
+                       storage=url, study_name="suspended")
+    assert result.n_complete + result.n_pruned == 3 and result.n_retried == 1
+    trials = trials_of(url, "suspended")
+    assert trials[1].state == TrialState.FAIL
+    assert [t.user_attrs.get(RETRY_OF) for t in trials] == [None, None, 1, None]
