@@ -378,7 +378,8 @@ class _CommandFailed(click.ClickException):
               help=f"Comma-separated heads: {', '.join(list_heads())}.")
 @click.option("--search", type=click.Choice(SEARCHES), default="optuna", show_default=True)
 @click.option("--n-trials", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Trials per head (a rerun resumes and counts earlier trials).")
+              help="Complete or pruned trials per head, counting those of earlier or "
+                   "concurrent runs of the study (killed and failed trials do not count).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of search per head [default: no limit].")
 @click.option("--cv", type=click.IntRange(min=2), default=5, show_default=True)
