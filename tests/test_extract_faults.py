@@ -89,10 +89,10 @@ def test_same_size_rewrite_is_reported_never_stored_under_the_old_id(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs mounted for this test (skipped where mounting is not allowed)."""
+    """A 32 MiB tmpfs mounted for this test (skipped where mounting is not allowed)."""
     mount = tmp_path / "small_disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
@@ -113,9 +113,13 @@ def fill(mount: Path, leave_bytes: int) -> Path:
 def test_full_disk_is_one_line_keeps_committed_rows_and_a_rerun_completes(
         tmp_path, small_disk, monkeypatch):
     data, store = tmp_path / "data", small_disk / "store"
-    image_folder(data, n_per_class=24)
+    image_folder(data, n_per_class=8, classes=("cat_a",))
+    assert extract(data, store).exit_code == 0
+    first = rows(store)
+    image_folder(tmp_path / "more", n_per_class=16)
+    (tmp_path / "more" / "cat_b").rename(data / "cat_b")  # 16 new scans arrive
     run_scan(ScanConfig(dataset=data, store=store, progress=False))
-    # Parts of 8 rows, so some are committed before the disk fills.
+    # Parts of 8 rows, so new rows may be committed before the disk fills too.
     monkeypatch.setattr(extract_run, "ExtractConfig",
                         functools.partial(ExtractConfig, rows_per_part=8))
     filler = fill(small_disk, leave_bytes=160_000)
@@ -127,14 +131,17 @@ def test_full_disk_is_one_line_keeps_committed_rows_and_a_rerun_completes(
     assert "no space left on device" in line and str(store) in line
     assert "rerun the same command" in line
     committed = rows(store)  # what was committed before the disk filled is readable
-    assert 0 < len(committed) < 48
+    assert set(first) <= set(committed)  # new parts may fit, consolidating them does not
+    for image_id, features in first.items():
+        np.testing.assert_array_equal(committed[image_id], features)
 
     filler.unlink()  # free space, then the same command again
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     again = extract(data, store)
     assert again.exit_code == 0, again.output
     complete = rows(store)
-    assert len(complete) == 48
+    assert len(complete) == 24
+    assert not list(store.rglob(".tmp-*"))  # the half-written file of the full disk is gone
     for image_id, features in committed.items():  # kept as they were, not recomputed
         np.testing.assert_array_equal(complete[image_id], features)
 

@@ -11,8 +11,10 @@ rename and their deletion are never read twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -132,6 +134,33 @@ def _append(f: h5py.File, columns) -> tuple[int, int]:
     return start, stop
 
 
+def _check_free_space(directory: Path, files: list[Path]) -> None:
+    """Refuse with ENOSPC, before HDF5 writes a byte, a consolidation the disk cannot hold.
+
+    HDF5 does not survive a failed write: a full disk in the middle of a
+    consolidation segfaulted the process. The estimate is generous (whole
+    ~4 MiB feature chunks, plus what the files hold now); the parts stay
+    readable when it refuses, and a rerun with more space consolidates.
+    """
+    n_rows = n_features = 0
+    for path in files:
+        if path.exists():
+            with _open(path) as f:
+                n_rows += f["features"].shape[0]
+                n_features = f["features"].shape[1]
+    if not n_features:
+        return
+    chunk_rows = max(1, _CHUNK_BYTES // (4 * n_features))
+    chunked = -(-n_rows // chunk_rows) * chunk_rows * n_features * 4
+    needed = max(chunked, sum(p.stat().st_size for p in files if p.exists())) * 1.1 + (1 << 20)
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device: consolidating {n_rows} rows "
+                                    f"needs about {needed / 2**20:.1f} MiB, "
+                                    f"{free / 2**20:.1f} MiB free", str(directory / CONSOLIDATED))
+
+
 class HDF5Format(TableFormat):
     name = "hdf5"
     suffix = ".h5"
@@ -198,6 +227,8 @@ class HDF5Format(TableFormat):
         done = {s for s, _, _ in absorbed}
         pending = [p for p in self.part_paths(directory) if part_seq(p.name) not in done]
         if pending:
+            _check_free_space(directory, [target, *pending])
+
             def write(tmp: Path) -> None:
                 if target.exists():
                     shutil.copyfile(target, tmp)
