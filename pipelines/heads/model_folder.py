@@ -8,8 +8,9 @@ old one removed. A kill at any instant leaves the previous complete folder or
 the new complete one at ``<name>``, never a mix; only between the two renames
 is the previous one aside, and the next save or load of that model renames it
 back. The next save removes what killed saves left (build folders, folders
-aside). Only folders under these names are removed, a replaced folder only if
-it carries a ``model.json``, and saves of one model take turns (a file lock).
+aside, recognised by these names and nothing else); the folder it replaces
+must carry a ``model.json`` (else it is refused and left alone); saves of one
+model take turns (a file lock).
 
 Checking (:func:`read_record`, :func:`checked_file`, :func:`model_files`).
 ``model.json`` must be a JSON object with the keys every model has; every file
@@ -62,9 +63,10 @@ def write_model_folder(folder: Path, build: Callable[[Path], dict]) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f"{TMP_PREFIX}{folder.name}.lock"):
         _clean_leftovers(folder)
-        if folder.exists() and not (folder / MODEL_JSON).is_file():
-            raise FeatureStoreError(f"{folder} exists but holds no {MODEL_JSON}: not a model "
-                                    f"folder this project wrote; refusing to replace it.")
+        if folder.is_symlink() or (folder.exists() and not (folder / MODEL_JSON).is_file()):
+            raise FeatureStoreError(f"{folder} exists but is a link or holds no {MODEL_JSON}: "
+                                    f"not a model folder this project wrote; refusing to "
+                                    f"replace it (move it elsewhere, then refit).")
         tmp = folder.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{folder.name}")
         tmp.mkdir()
         try:
@@ -94,6 +96,8 @@ def _swap_in(tmp: Path, folder: Path) -> None:
     os.rename(tmp, folder)
     fsync_path(folder.parent)
     if aside.exists():
+        # model.json first: a removal cut short never leaves a folder that looks like a model.
+        (aside / MODEL_JSON).unlink()
         shutil.rmtree(aside)
 
 
@@ -103,11 +107,8 @@ def _clean_leftovers(folder: Path) -> None:
     pattern = _leftover(folder.name)
     for entry in folder.parent.iterdir():
         match = pattern.fullmatch(entry.name)
-        if not match or entry.is_symlink() or not entry.is_dir():
-            continue
-        if match["old"] and not (entry / MODEL_JSON).is_file():
-            continue  # aside folders are always whole models; this one is not ours
-        shutil.rmtree(entry)
+        if match and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
 
 
 def recover_aside(folder: Path) -> bool:
