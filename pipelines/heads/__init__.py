@@ -2,6 +2,7 @@
 
 * :mod:`~pipelines.heads.fit`: ``featurestore fit-heads`` (Optuna search, refit, held-out report);
 * :mod:`~pipelines.heads.models`: saved heads with the lineage of their features;
+* :mod:`~pipelines.heads.model_folder`: a model folder written as a unit, checked before use;
 * :mod:`~pipelines.heads.leaderboard`: every head on every table, compared;
 * :mod:`~pipelines.heads.predict`: ``featurestore predict``, new images through a saved head.
 """
