@@ -34,6 +34,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featurestore import Lineage, Store  # noqa: E402
+from featurestore.paths import StorePaths  # noqa: E402
 from pipelines.heads.fit import FitHeadsConfig, run_fit_heads  # noqa: E402
 from pipelines.report.run import ReportConfig, run_report  # noqa: E402
 from pipelines.scan import ScanConfig, run_scan  # noqa: E402
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         store = workdir / "store"
-        if not (store / "leaderboard.parquet").exists():
+        if not StorePaths(store).leaderboard.exists():
             store = build_store(workdir, n_images, args.features)
         print("Report:")
         result = {"images": n_images, "features": args.features,

@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 from featurestore import Store, TableReader
 from pipelines.extract import featurize
 from pipelines.cli import main
-from pipelines.heads.predict import CACHE_DIR, PredictConfig, run_predict
+from pipelines.heads.predict import PredictConfig, run_predict
 from tests.test_tables import make_lineage
 
 MODEL = "densenet121/max/logreg"
@@ -74,7 +74,7 @@ def _rescan(src, dest, note):
 
 
 def _cached_rows(fitted):
-    cache = fitted.store / CACHE_DIR / "tables" / fitted.key
+    cache = Store(fitted.store).paths.cache_tables / fitted.key
     if not cache.exists():
         return 0
     with TableReader(cache) as reader:
@@ -108,7 +108,7 @@ def test_recompute_extracts_fresh_features_that_reproduce_heldout(fitted, tmp_pa
     _assert_reproduces_heldout(result.frame, fitted.heldout, atol=1e-5)
     saved = pd.read_csv(tmp_path / "pred.csv", keep_default_na=False)
     assert list(saved["image_id"]) == list(result.frame["image_id"])
-    cache = fitted.store / CACHE_DIR / "tables" / fitted.key
+    cache = Store(fitted.store).paths.cache_tables / fitted.key
     with TableReader(cache) as reader:
         assert set(reader.column("image_id")) >= set(fitted.heldout["image_id"])
     again = run_predict(_config(fitted, fitted.files, tmp_path / "again.csv", recompute=True),
@@ -211,7 +211,7 @@ def test_weights_that_differ_from_the_lineage_are_refused(fitted, tmp_path):
         assert result.exit_code == 2, result.output
         assert f"Refusing to score with model {lineage.key}/logreg" in result.output
         assert "ab" * 32 in result.output and "Traceback" not in result.output
-        assert not out.exists() and not (store / CACHE_DIR).exists()
+        assert not out.exists() and not Store(store).paths.cache.exists()
         outputs.append(result.output)
     assert "have SHA-256" in outputs[0] and str(wrong) in outputs[0]  # both hashes named
     assert "pass that file" in outputs[1]  # no --weights: says which file is needed
@@ -298,3 +298,24 @@ def test_bad_model_names_and_outputs_are_refused_with_the_known_models(fitted, t
     result = CliRunner().invoke(main, ["predict", str(empty), "--store", str(fitted.store),
                                        "--model", MODEL])
     assert result.exit_code == 2 and "No image files" in result.output
+
+
+def test_a_non_utf8_file_name_keeps_its_row_with_an_escaped_path(fitted, tmp_path):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    odd = os.path.join(os.fsencode(folder), b"scan\xff.png")  # not UTF-8: a bytes name
+    _rescan(fitted.files[0], os.fsdecode(odd), "odd name")  # new bytes: extracted and cached
+    shutil.copyfile(fitted.files[1], folder / "plain.png")
+    out = tmp_path / "pred.csv"
+    result = CliRunner().invoke(main, ["predict", str(folder), "--store", str(fitted.store),
+                                       "--model", MODEL, "--out", str(out), "--workers", "1",
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "Scored 2 of 2 files" in result.output
+    assert "1 path(s) are not valid UTF-8; written with \\x escapes" in result.output
+    saved = pd.read_csv(out, keep_default_na=False)
+    escaped = str(folder / "scan\\xff.png")
+    assert list(saved["path"]) == [str(folder / "plain.png"), escaped]
+    assert (saved["error"] == "").all() and (saved["source"] == ["table", "extracted"]).all()
+    with TableReader(Store(fitted.store).paths.cache_tables / fitted.key) as reader:
+        assert escaped in set(reader.column("path"))  # the cache holds the same text

@@ -36,13 +36,12 @@ import pandas as pd
 from classifiers.errors import ClassifierError
 from classifiers.label_issues import METHODS, rank_label_issues
 from featurestore import FeatureStoreError, Store
-from featurestore._io import atomic_write, atomic_write_text, write_csv
+from featurestore._io import atomic_write, atomic_write_text, utc_now, write_csv
 from featurestore.views import View, ViewStore, check_view_name
 from pipelines.audit.gallery import write_gallery
 from pipelines.audit.review import ACCEPT_AS, accept_top, check_decisions, read_decisions
 from pipelines.audit.scores import load_scores
 
-AUDITS_DIR = "audits"
 SUSPECT_COLUMNS = ("rank", "image_id", "path", "given_label", "suggested_label", "score",
                    "decision", "new_label", "reason")
 
@@ -134,7 +133,7 @@ def run_audit_labels(config: AuditLabelsConfig, echo: Callable[[str], None] = pr
     images = meta[meta["aug_id"] == 0]
     author = config.author or getpass.getuser()
     if config.view and not config.replace:
-        ViewStore(store.root).refuse_existing(config.view)  # before the audit's work
+        ViewStore(store).refuse_existing(config.view)  # before the audit's work
     if config.apply is not None:
         return _apply_file(store, key, images, config, author, echo)
     result = _audit(store, key, images, config, echo)
@@ -167,7 +166,7 @@ def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditLabelsConf
                "heads": scores.heads, "n_flagged": int(issues.flagged.sum()),
                "n_rows": len(ranking)}
     atomic_write_text(run_dir / "run.json", json.dumps(
-        {**context, "config": asdict(config), "created_at": _now()}, indent=2, default=str))
+        {**context, "config": asdict(config), "created_at": utc_now()}, indent=2, default=str))
     echo(f"Audit of {key} ({config.split}, {len(ranking)} images, heads "
          f"{', '.join(scores.heads)}): {context['n_flagged']} flagged by {config.method}, "
          f"{len(suspects)} written to {run_dir / 'suspects.csv'}")
@@ -239,7 +238,7 @@ def _apply_file(store, key, images, config: AuditLabelsConfig, author, echo) -> 
 
 
 def _create_view(store, config: AuditLabelsConfig, decisions, source, author, echo) -> View:
-    view = ViewStore(store.root).create(config.view, decisions, author=author, source=source,
+    view = ViewStore(store).create(config.view, decisions, author=author, source=source,
                                         covers_heldout=config.include_heldout,
                                         replace=config.replace)
     counts = ", ".join(f"{n} {a}" for a, n in view.counts().items())
@@ -252,7 +251,7 @@ def _create_view(store, config: AuditLabelsConfig, decisions, source, author, ec
 def _new_run_dir(store: Store, key: str, config: AuditLabelsConfig) -> Path:
     base = config.run or f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{config.method}"
     check_view_name(base)  # same rules: it is a folder name
-    parent = store.root / AUDITS_DIR / key
+    parent = store.paths.audits_of(key)
     for n in range(1, 1000):
         run_dir = parent / (base if n == 1 else f"{base}-{n}")
         try:
@@ -263,12 +262,8 @@ def _new_run_dir(store: Store, key: str, config: AuditLabelsConfig) -> Path:
     raise FeatureStoreError(f"Too many audit runs named {base!r} in {parent}.")
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def format_views(store_root: Path) -> str:
-    views = ViewStore(store_root).list()
+def format_views(store: str | Path | Store) -> str:
+    views = ViewStore(store).list()
     if views.empty:
         return "(no views yet)"
     return views.to_string(index=False)
@@ -306,7 +301,10 @@ def format_views(store_root: Path) -> str:
 def command(store, table, heads, list_views, **options):
     """Find likely label errors, review them, and store the decisions as a cleaned view."""
     if list_views:
-        click.echo(format_views(store))
+        try:
+            click.echo(format_views(store))
+        except FeatureStoreError as err:
+            raise click.ClickException(str(err)) from err
         return
     if not table:
         raise click.UsageError("Missing option '--table' (needed unless --list-views).")

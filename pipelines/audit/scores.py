@@ -39,7 +39,7 @@ def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
                 split: str = "train") -> Scores:
     """Average the heads' probabilities of ``split`` images, aligned by image id."""
     file = OOF_FILE if split == "train" else HELDOUT_FILE
-    available = [r for r in list_models(store.root)
+    available = [r for r in list_models(store)
                  if r.table_key == table_key and (r.path / file).exists()]
     names = [r.head + (f"@{r.view}" if r.view else "") for r in available]
     if heads is None:
@@ -51,7 +51,7 @@ def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
     frames = []
     for name in heads:
         head, _, view = name.partition("@")
-        path = model_dir(store.root, table_key, head, view or None) / file
+        path = model_dir(store, table_key, head, view or None) / file
         if name not in names or not path.exists():
             raise FeatureStoreError(f"No {file} for head {name!r} on table {table_key}. "
                                     f"Heads available: {', '.join(names) or 'none'}.")

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import os
 import socket
 import warnings
 
+from featurestore._io import hash_file
 from featurestore.errors import FeatureStoreError
 
 #: Seconds to wait for the weights server before declaring the machine offline.
 DOWNLOAD_TIMEOUT_S = 30
+#: Keras's own cache folder for downloaded weights (``~/.keras/models``); not a store folder.
+KERAS_CACHE_SUBDIR = "models"
 #: Identity of seeded random weights is ``random:<seed>``.
 _RANDOM = "random:"
 
@@ -60,10 +62,10 @@ def resolve_weights(spec, weights: str, *, seed: int = 0) -> ResolvedWeights:
         return ResolvedWeights(identity=random_identity(seed), path=None, sha256=None)
     if weights == "imagenet":
         path = _imagenet_file(spec)
-        return ResolvedWeights(identity="imagenet", path=path, sha256=sha256_file(path))
+        return ResolvedWeights(identity="imagenet", path=path, sha256=hash_file(path))
     path = _check_weights_path(weights)
     return ResolvedWeights(
-        identity=f"file:{os.path.basename(path)}", path=path, sha256=sha256_file(path)
+        identity=f"file:{os.path.basename(path)}", path=path, sha256=hash_file(path)
     )
 
 
@@ -89,10 +91,10 @@ def _imagenet_file(spec) -> str:
             f"pass --weights none or --weights PATH."
         )
     cache_dir = keras_cache_dir()
-    cache = os.path.join(cache_dir, "models", spec.weights_file)
+    cache = os.path.join(cache_dir, KERAS_CACHE_SUBDIR, spec.weights_file)
     # The cache hit is checked as get_file checks it (file name and MD5), so a
     # cached run never imports Keras (and its backend) in this process.
-    if os.path.isfile(cache) and _md5_file(cache) == spec.weights_md5:
+    if os.path.isfile(cache) and hash_file(cache, "md5") == spec.weights_md5:
         return cache
     import keras
 
@@ -102,7 +104,7 @@ def _imagenet_file(spec) -> str:
     try:
         return keras.utils.get_file(
             spec.weights_file, spec.weights_url,
-            cache_dir=cache_dir, cache_subdir="models", file_hash=spec.weights_md5,
+            cache_dir=cache_dir, cache_subdir=KERAS_CACHE_SUBDIR, file_hash=spec.weights_md5,
         )
     except Exception as err:  # get_file raises bare Exception on fetch failure
         raise WeightsError(
@@ -134,22 +136,6 @@ def _check_weights_path(weights: str) -> str:
     if not os.access(weights, os.R_OK):
         raise WeightsError(f"Weights file {weights!r} is not readable (permission denied).")
     return os.path.abspath(weights)
-
-
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file."""
-    return _digest_file(path, hashlib.sha256())
-
-
-def _md5_file(path: str) -> str:
-    return _digest_file(path, hashlib.md5())
-
-
-def _digest_file(path: str, digest, chunk_bytes: int = 1 << 20) -> str:
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_checked(model, path: str, backbone: str) -> None:

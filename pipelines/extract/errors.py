@@ -18,14 +18,13 @@ filesystem). Read it with :func:`read_errors` or any SQLite client.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 
-ERRORS_FILE = "extract_errors.sqlite"
+from featurestore import Store, _sqlite
+from featurestore._io import utc_now
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS extract_errors (
@@ -40,15 +39,13 @@ CREATE TABLE IF NOT EXISTS extract_errors (
 
 
 class ErrorLog:
-    """Record per-file failures of the tables ``table_keys`` in ``store_root``."""
+    """Record per-file failures of the tables ``table_keys`` in ``store``."""
 
-    def __init__(self, store_root: str | Path, table_keys: Iterable[str]):
-        self.path = Path(store_root) / ERRORS_FILE
+    def __init__(self, store: str | Path | Store, table_keys: Iterable[str]):
+        self.path = Store.of(store, create=False).paths.extract_errors
         self.table_keys = list(table_keys)
-        # A long busy timeout: shards commit small transactions and must wait, not fail.
-        self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
+        # Shards commit small transactions and must wait (the busy timeout), not fail.
+        self._conn = _sqlite.connect(self.path, wal=True, schema=_SCHEMA)
         marks = ",".join("?" * len(self.table_keys))
         # Paths failed in earlier runs: only these need clearing when they succeed,
         # so a healthy run never writes here.
@@ -57,12 +54,12 @@ class ErrorLog:
 
     def record(self, failures: Iterable[tuple[str, str, str]]) -> None:
         """Store ``(path, image_id, reason)`` failures for every table."""
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        now = utc_now()
         rows = [(key, path, image_id, reason, now)
                 for path, image_id, reason in failures for key in self.table_keys]
         self._failed.update(row[1] for row in rows)
         if rows:
-            with self._transaction():
+            with _sqlite.transaction(self._conn):
                 self._conn.executemany(
                     "INSERT OR REPLACE INTO extract_errors VALUES (?, ?, ?, ?, ?)", rows)
 
@@ -72,12 +69,9 @@ class ErrorLog:
         self._failed -= fixed
         rows = [(key, path) for path in fixed for key in self.table_keys]
         if rows:
-            with self._transaction():
+            with _sqlite.transaction(self._conn):
                 self._conn.executemany(
                     "DELETE FROM extract_errors WHERE table_key = ? AND path = ?", rows)
-
-    def _transaction(self):
-        return _Transaction(self._conn)
 
     def close(self) -> None:
         self._conn.close()
@@ -89,24 +83,13 @@ class ErrorLog:
         self.close()
 
 
-class _Transaction:
-    def __init__(self, conn):
-        self.conn = conn
-
-    def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, *exc):
-        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-
-def read_errors(store_root: str | Path, table_key: str | None = None) -> pd.DataFrame:
+def read_errors(store: str | Path | Store, table_key: str | None = None) -> pd.DataFrame:
     """Failures recorded in a store: columns table_key, path, image_id, reason, seen_at."""
-    path = Path(store_root) / ERRORS_FILE
+    path = Store.of(store, create=False).paths.extract_errors
     columns = ["table_key", "path", "image_id", "reason", "seen_at"]
     if not path.exists():
         return pd.DataFrame(columns=columns)
-    with contextlib.closing(sqlite3.connect(path)) as conn:
+    with contextlib.closing(_sqlite.connect(path, mode="rw")) as conn:
         sql = f"SELECT {', '.join(columns)} FROM extract_errors"
         params: tuple = ()
         if table_key is not None:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from featurestore import FeatureStoreError, Store
 from featurestore.formats import FORMATS
+from featurestore.paths import table_pending
 from featurestore.splits import SPLITS
 from featurestore.store import parse_shard
 from pipelines.extract.augment import PRESETS
@@ -159,7 +160,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
                          [w.existing_keys() for w in writers.values()],
                          views=config.augment, augment_splits=config.augment_splits,
                          shard=config.shard)
-        errors_log = stack.enter_context(ErrorLog(store.root, [lin.key for lin in lineages.values()]))
+        errors_log = stack.enter_context(ErrorLog(store, [lin.key for lin in lineages.values()]))
         workers = min(workers, max(1, len(plan.tasks)))
         written, errors, seconds = 0, [], 0.0
         if plan.tasks:
@@ -259,7 +260,7 @@ def _merge_shards(store: Store, lineages: dict) -> dict:
     """Merge finished shard parts of these tables (a run without --shard is the commit)."""
     total = {"rows": 0, "duplicates": 0, "merged": []}
     for lin in lineages.values():
-        if (store.table_dir(lin) / "pending").is_dir():
+        if table_pending(store.table_dir(lin)).is_dir():
             summary = store.commit(lin)
             total["rows"] += summary["rows"]
             total["duplicates"] += summary["duplicates"]

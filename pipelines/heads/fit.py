@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
@@ -38,13 +37,12 @@ from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_repor
 from classifiers.registry import create_head, get_head_spec, list_heads
 from classifiers.tuning import TuningResult, tune_head, study_name
 from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
-from featurestore._io import atomic_write
+from featurestore._io import atomic_write, utc_now
 from featurestore.views import View, ViewStore, apply_view
 from pipelines.heads.leaderboard import format_leaderboard, update_leaderboard
 from pipelines.heads.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, save_model
 
 SEARCHES = ("optuna", "none")
-OPTUNA_FILE = "optuna.sqlite"
 
 
 @dataclass
@@ -167,7 +165,7 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
     """Search, threshold, refit, evaluate and save every head of ``config.heads``."""
     _check_config(config)
     store = Store(config.store, create=False)
-    view = ViewStore(store.root).get(config.view) if config.view else None
+    view = ViewStore(store).get(config.view) if config.view else None
     with store.open(config.table) as reader:
         X, y, ids, groups = _on_view(reader.to_numpy(split="train"), view, "train", echo)
         if not len(y):
@@ -193,7 +191,7 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
     study_fixed = {k: v for k, v in fixed.items() if k != "n_jobs"}
     if view is not None:  # a changed view gets a new study, never a stale one's trials
         study_fixed.update(view=view.name, view_digest=view.digest)
-    storage = config.storage or f"sqlite:///{(store.root / OPTUNA_FILE).resolve()}"
+    storage = config.storage or store.paths.optuna_url
     echo(f"Table {lineage.key}: {int(is_raw.sum())} raw + {int((~is_raw).sum())} augmented "
          f"train rows, {X.shape[1]} features, classes {', '.join(map(str, classes))}; "
          f"{config.cv}-fold grouped CV, objective {objective.label}.")
@@ -213,7 +211,7 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
         rows.append(_leaderboard_row(lineage, head_result, objective, eval_split, is_raw,
                                      time.perf_counter() - started, config.view))
         echo(_head_summary(head_result, objective))
-    result.leaderboard = update_leaderboard(store.root, rows)
+    result.leaderboard = update_leaderboard(store, rows)
     return result
 
 
@@ -260,12 +258,12 @@ def _finish_head(store, lineage, head, search: TuningResult, objective, classes,
                                     threshold=threshold, positive=objective.positive)
         predicted = decide(held_proba, threshold, objective.positive)
     positive = None if objective.positive is None else str(classes[objective.positive])
-    folder = save_model(store.root, estimator, head=head, lineage=lineage,
+    folder = save_model(store, estimator, head=head, lineage=lineage,
                         params=search.params, threshold=threshold, positive_class=positive,
                         meta={"objective": objective.label, "cv": config.cv,
                               "seed": config.seed, "cv_score": search.value,
                               "study_name": search.study_name, "metrics": metrics,
-                              "fitted_at": _now(), "view_info": _view_info(view)},
+                              "fitted_at": utc_now(), "view_info": _view_info(view)},
                         view=config.view, extra_files=_prediction_files(
                             train, search, classes, held_out, held_proba, predicted))
     estimator.clear()
@@ -319,10 +317,6 @@ def _save_predictions(path: Path, ids, labels, extra: dict, proba, classes) -> N
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _leaderboard_row(lineage, result: HeadResult, objective, eval_split, is_raw,
                      seconds, view: str | None = None) -> dict:
     metrics = result.metrics or {}
@@ -342,7 +336,7 @@ def _leaderboard_row(lineage, result: HeadResult, objective, eval_split, is_raw,
         "pruned": result.search.n_pruned, "failed": result.search.n_failed,
         "sec_per_trial": float(np.mean(times)) if times else None,
         "refit_sec": result.refit_seconds, "total_sec": seconds,
-        "params": str(result.search.params), "updated_at": _now(),
+        "params": str(result.search.params), "updated_at": utc_now(),
     }
 
 
@@ -411,5 +405,5 @@ def command(store, table, heads, search, n_trials, timeout, cv, metric, positive
         result = run_fit_heads(config, echo=click.echo)
     except (FeatureStoreError, ClassifierError, ValueError) as err:
         raise _CommandFailed(str(err)) from err
-    click.echo("\nLeaderboard (" + str(Path(store) / "leaderboard.parquet") + "):")
+    click.echo(f"\nLeaderboard ({Store(store, create=False).paths.leaderboard}):")
     click.echo(format_leaderboard(result.leaderboard))

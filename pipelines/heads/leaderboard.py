@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock
 
+from featurestore import Store
 from featurestore._io import atomic_write
 
-LEADERBOARD_FILE = "leaderboard.parquet"
 #: Columns identifying a row; a new result replaces the row with the same values.
 #: ``view`` is "" for heads trained on the whole table, else the cleaned view's name.
 KEY_COLUMNS = ("table_key", "head", "objective", "view")
@@ -25,13 +25,9 @@ SHOWN = ("table", "head", "view", "objective", "cv_score", "eval_split", "accura
          "trials", "sec_per_trial", "refit_sec")
 
 
-def leaderboard_path(store_root: str | Path) -> Path:
-    return Path(store_root) / LEADERBOARD_FILE
-
-
-def read_leaderboard(store_root: str | Path) -> pd.DataFrame:
+def read_leaderboard(store: str | Path | Store) -> pd.DataFrame:
     """The whole leaderboard, best cross-validation score first (empty if none yet)."""
-    path = leaderboard_path(store_root)
+    path = Store.of(store, create=False).paths.leaderboard
     if not path.exists():
         return pd.DataFrame(columns=list(KEY_COLUMNS))
     return _with_view(pd.read_parquet(path))
@@ -43,11 +39,11 @@ def _with_view(board: pd.DataFrame) -> pd.DataFrame:
     return board.assign(view=view.fillna("").astype(str))
 
 
-def update_leaderboard(store_root: str | Path, rows: list[dict]) -> pd.DataFrame:
+def update_leaderboard(store: Store, rows: list[dict]) -> pd.DataFrame:
     """Insert or replace ``rows`` (dicts with at least :data:`KEY_COLUMNS`); returns the board."""
-    path = leaderboard_path(store_root)
+    path = store.paths.leaderboard
     with FileLock(str(path) + ".lock"):
-        board = read_leaderboard(store_root)
+        board = read_leaderboard(store)
         new = _with_view(pd.DataFrame.from_records(rows))
         if not board.empty:
             keys = pd.MultiIndex.from_frame(new[list(KEY_COLUMNS)].astype(str))

@@ -44,17 +44,17 @@ from pipelines.heads.model_folder import (MODEL_JSON, check_all_files, checked_f
                                           model_files, read_record, recover_aside,
                                           write_model_folder)
 
-MODELS_DIR = "models"
 OOF_FILE = "oof.parquet"
 HELDOUT_FILE = "heldout.parquet"
 #: Prefix of the per-class probability columns of oof.parquet, heldout.parquet and predict's output.
 PROBA_PREFIX = "proba_"
 
 
-def model_dir(store_root: str | Path, table_key: str, head: str,
+def model_dir(store: str | Path | Store, table_key: str, head: str,
               view: str | None = None) -> Path:
     """Folder of head ``head`` fitted on table ``table_key`` (on view ``view`` if given)."""
-    return Path(store_root) / MODELS_DIR / table_key / (f"{head}@{view}" if view else head)
+    models = Store.of(store).paths.models_of(table_key)
+    return models / (f"{head}@{view}" if view else head)
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,10 @@ class ModelRef:
         return f"{self.table_key}/{self.head}" + (f"@{self.view}" if self.view else "")
 
 
-def list_models(store_root: str | Path) -> list[ModelRef]:
+def list_models(store: str | Path | Store) -> list[ModelRef]:
     """Every saved model of the store (folders holding a ``model.json``), sorted by name."""
     refs = []
-    for meta in sorted((Path(store_root) / MODELS_DIR).glob(f"*/*/{MODEL_JSON}")):
+    for meta in sorted(Store.of(store, create=False).paths.models.glob(f"*/*/{MODEL_JSON}")):
         if meta.parent.name.startswith(TMP_PREFIX) or meta.parent.parent.name.startswith(TMP_PREFIX):
             continue  # a save in progress, or what a killed one left
         head, _, view = meta.parent.name.partition("@")
@@ -89,7 +89,7 @@ def resolve_model_name(store: str | Path | Store, name: str) -> ModelRef:
     ``densenet121/max/logreg`` names the logreg head of the max-pooled table.
     """
     store = store if isinstance(store, Store) else Store(store, create=False)
-    refs = list_models(store.root)
+    refs = list_models(store)
     table, _, leaf = name.rpartition("/")
     head, _, view = leaf.partition("@")
     view = view or None
@@ -187,8 +187,7 @@ def save_model(store: str | Path | Store, estimator, *, head: str, lineage: Line
     passes ``oof.parquet`` and ``heldout.parquet``), so the predictions always
     belong to the model beside them. Returns the model folder.
     """
-    folder = model_dir(store.root if isinstance(store, Store) else store, lineage.key, head,
-                       view)
+    folder = model_dir(store, lineage.key, head, view)
 
     def build(tmp: Path) -> dict:
         files = estimator.save(tmp)
@@ -218,14 +217,14 @@ def load_model(store: str | Path | Store, table_key: str, head: str, *,
     the table key: anything else raises :class:`FeatureStoreError`.
     """
     store = store if isinstance(store, Store) else Store(store, create=False)
-    folder = model_dir(store.root, table_key, head, view)
+    folder = model_dir(store, table_key, head, view)
     recover_aside(folder)
     if not (folder / MODEL_JSON).exists():
         # Not a key with a model: maybe a lineage query such as "densenet121/max".
         with contextlib.suppress(FeatureStoreError):
-            folder = model_dir(store.root, store.resolve(table_key).key, head, view)
+            folder = model_dir(store, store.resolve(table_key).key, head, view)
     if not (folder / MODEL_JSON).exists():
-        known = ", ".join(ref.name for ref in list_models(store.root)) or "none"
+        known = ", ".join(ref.name for ref in list_models(store)) or "none"
         on_view = f" (view {view!r})" if view else ""
         raise FeatureStoreError(f"No model for head {head!r}{on_view} on table {table_key!r} "
                                 f"in {store.root}. Models: {known}.")

@@ -46,7 +46,7 @@ from classifiers.errors import ClassifierError
 from classifiers.metrics import decide
 from featurestore import FeatureStoreError, Lineage, LineageMismatchError, Store, TableReader
 from featurestore._io import atomic_write, remove_tmp_of, write_csv
-from featurestore.layout import IMAGE_EXTENSIONS
+from featurestore.layout import IMAGE_EXTENSIONS, display
 from featurestore.scan import hash_file, inspect_image
 from featurestore.tablefiles import LINEAGE_FILE
 from pipelines.extract.engine import default_workers
@@ -54,8 +54,6 @@ from pipelines.extract.run import EXIT_BAD_INPUT, EXIT_FILE_ERRORS, EXIT_OK
 from pipelines.heads.models import (PROBA_PREFIX, ModelRef, SavedModel, load_model,
                              resolve_model_name)
 
-#: Folder of the predict cache inside the store: a nested store of feature tables.
-CACHE_DIR = "cache"
 OUTPUT_FORMATS = (".csv", ".parquet")
 SOURCES = ("table", "cache", "extracted")
 #: Stored rows scored per block, bounding memory on large tables.
@@ -104,6 +102,8 @@ class PredictResult:
     skipped: list[str] = field(default_factory=list)
     """Files in the input folders without an image extension (not scored)."""
     seconds: float = 0.0
+    escaped_paths: int = 0
+    """Input paths that are not valid UTF-8, written with ``\\x`` escapes (:func:`text_path`)."""
 
     @property
     def errors(self) -> list[tuple[str, str]]:
@@ -138,6 +138,9 @@ class PredictResult:
         if self.skipped:
             lines.append(f"{len(self.skipped)} file(s) in the folders skipped (no image "
                          f"extension: {', '.join(IMAGE_EXTENSIONS)}).")
+        if self.escaped_paths:
+            lines.append(f"{self.escaped_paths} path(s) are not valid UTF-8; written with \\x "
+                         f"escapes for the bytes that are not (as featurestore scan does).")
         errors = self.errors
         if errors:
             lines.append(f"{len(errors)} file(s) failed (error column of {self.out.name}):")
@@ -179,13 +182,15 @@ def run_predict(config: PredictConfig, echo: Callable[[str], None] = print) -> P
     frame = _frame(files, image_ids, {**unreadable, **failed}, scores, model)
     write_predictions(frame, config.out)
     return PredictResult(frame, Path(config.out), ref.name, [str(c) for c in model.classes],
-                         skipped, time.perf_counter() - started)
+                         skipped, time.perf_counter() - started,
+                         escaped_paths=sum(text_path(p) != str(p) for p in files))
 
 
 def _stored_scores(store: Store, model: SavedModel, wanted: set[str]) -> dict:
     """Scores of the images found in the model's table, then in the predict cache."""
     scores = _score_table(store, model, wanted, "table")
-    cache_root = store.root / CACHE_DIR
+    # The cache is a nested store (STORE/cache/tables/<key>/), read like the store itself.
+    cache_root = store.paths.cache
     if cache_root.is_dir():
         scores.update(_score_table(Store(cache_root, create=False), model,
                                    wanted - set(scores), "cache"))
@@ -325,7 +330,7 @@ def _extract(store: Store, model: SavedModel, settings, todo: dict[str, Path],
     scores, failed = {}, {}
     bar = tqdm(total=len(todo), unit="img", disable=not config.progress,
                desc=f"predict {model.lineage.backbone}")
-    cache = Store(store.root / CACHE_DIR)
+    cache = Store(store.paths.cache)
     with bar, cache.writer(model.lineage, rows_per_part=config.batch_size) as writer:
         files = ((path, image_id) for image_id, path in todo.items())
         for batch in iter_feature_batches(files, model.lineage, settings, workers=workers):
@@ -338,13 +343,23 @@ def _extract(store: Store, model: SavedModel, settings, todo: dict[str, Path],
     return scores, failed
 
 
+def text_path(path: str | os.PathLike) -> str:
+    """``path`` as UTF-8 text: bytes of a file name that are not UTF-8 become ``\\xff``.
+
+    A name such as ``b"scan\\xff.png"`` reaches Python as a surrogate escape, which
+    neither UTF-8 CSV nor Parquet (nor the cache table) can hold, and which lost
+    the whole run's output; the scanner writes such names the same way.
+    """
+    return display(os.fsencode(path))
+
+
 def _cache(writer, batch) -> None:
     """Append the batch's images the cache lacks and commit them now."""
     new = ~writer.known([(image_id, 0) for image_id in batch.image_ids])
     if new.any():
         keep = np.flatnonzero(new)
         writer.append(batch.X[keep], image_id=[batch.image_ids[k] for k in keep],
-                      path=[batch.paths[k] for k in keep])
+                      path=[text_path(batch.paths[k]) for k in keep])
     writer.flush()
 
 
@@ -369,7 +384,7 @@ def _frame(files, image_ids, errors: dict[str, str], scores, model: SavedModel) 
             classes.index(str(model.positive_class))
         predicted[ok] = np.asarray(classes, dtype=object)[
             decide(proba[ok], model.threshold, positive)]
-    frame = pd.DataFrame({"path": [str(p) for p in files], "image_id": image_ids,
+    frame = pd.DataFrame({"path": [text_path(p) for p in files], "image_id": image_ids,
                           "source": source})
     for k, label in enumerate(classes):
         frame[f"{PROBA_PREFIX}{label}"] = proba[:, k]

@@ -46,7 +46,7 @@ class DatasetFacts:
 
 def dataset_facts(store: Store) -> DatasetFacts:
     """Counts, rejected files, duplicates/leakage and extraction failures of ``store``."""
-    errors = read_errors(store.root)
+    errors = read_errors(store)
     empty_rejected = pd.DataFrame(columns=["path", "reason"])
     empty_conflicts = pd.DataFrame(columns=["image_id", "kind", "labels", "splits", "paths"])
     if not store.manifest_path.exists():
@@ -163,7 +163,7 @@ def proba_classes(frame: pd.DataFrame) -> list[str]:
 def load_model_facts(store: Store) -> tuple[list[ModelFacts], list[str]]:
     """Every saved model with its predictions, and notes on models that could not be read."""
     models, notes = [], []
-    for ref in list_models(store.root):
+    for ref in list_models(store):
         try:
             meta = read_record(ref.path)
             oof = _read_optional(prediction_file(ref.path, OOF_FILE))

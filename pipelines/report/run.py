@@ -26,14 +26,13 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 import pandas as pd
 
 from featurestore import FeatureStoreError, Store
-from pipelines.similar.evaluate import RESULTS_FILE
+from featurestore._io import utc_now
 from pipelines.html import render_page
 from pipelines.heads.leaderboard import read_leaderboard
 from pipelines.report.compare import enrich_leaderboard, search_tables
@@ -122,7 +121,7 @@ def _build(store: Store, config: ReportConfig, out: Path, echo) -> dict:
     context = {"store": str(store.root.resolve()), "notes": notes,
                "dataset": dataset_section(dataset_facts(store), tables, out)}
     clock.lap("dataset")
-    board = enrich_leaderboard(read_leaderboard(store.root), lineages, models)
+    board = enrich_leaderboard(read_leaderboard(store), lineages, models)
     context["leaderboard"] = leaderboard_grid(board)
     context["comparisons"] = comparison_sections(board, out)
     context["search"] = _search_section(store)
@@ -135,14 +134,14 @@ def _build(store: Store, config: ReportConfig, out: Path, echo) -> dict:
     clock.lap("models")
     context["maps"] = _map_sections(store, config, models, out, clock)
     context["seconds"] = dict(clock.seconds)
-    context["generated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    context["generated_at"] = utc_now()
     return {"context": context, "store": str(store.root), "tables": [t.key for t in tables],
             "models": [m.name for m in models], "seconds": clock.seconds,
             "generated_at": context["generated_at"]}
 
 
 def _search_section(store: Store) -> list[dict]:
-    path = store.root / RESULTS_FILE
+    path = store.paths.search_eval
     if not path.exists():
         return []
     return [{"metric": metric, "grid": Grid.of(_flatten(table), index=True)}

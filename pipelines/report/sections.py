@@ -20,7 +20,6 @@ from sklearn.metrics import precision_recall_fscore_support
 from classifiers.metrics import roc_auc
 from featurestore import Store
 from pipelines.report import figures
-from pipelines.heads.fit import OPTUNA_FILE
 from pipelines.html import thumbnail
 from pipelines.report.compare import (COMPARISON_COLUMNS, COMPARISONS, augmentation_name,
                                       comparison_groups, comparison_rows)
@@ -250,5 +249,4 @@ def default_storage(store: Store, url: str | None) -> str | None:
     """``url``, else the fit-heads default ``sqlite:///STORE/optuna.sqlite`` when it exists."""
     if url:
         return url
-    path = store.root / OPTUNA_FILE
-    return f"sqlite:///{path.resolve()}" if path.exists() else None
+    return store.paths.optuna_url if store.paths.optuna.exists() else None

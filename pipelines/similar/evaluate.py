@@ -19,8 +19,6 @@ from featurestore import FeatureStoreError, Store
 from featurestore.similarity import METRICS, precision_at_k
 from pipelines.similar.search import group_codes, search_table
 
-RESULTS_FILE = "search_eval.parquet"
-
 
 @dataclass
 class EvalSearchConfig:
@@ -56,7 +54,7 @@ def run_eval_search(config: EvalSearchConfig) -> pd.DataFrame:
     frames = [_evaluate_table(store, lin, config) for lin in lineages]
     result = pd.concat(frames, ignore_index=True)
     result["metric"] = config.metric
-    _save(store.root / RESULTS_FILE, result)
+    _save(store.paths.search_eval, result)
     return result
 
 
@@ -144,4 +142,4 @@ def command(store, tables, ks, queries, metric, split, seed):
     click.echo(f"precision@k ({metric}, {result['queries'].max()} queries; "
                f"own augmented views excluded)")
     click.echo(comparison_table(result).to_string(float_format=lambda v: f"{v:.3f}"))
-    click.echo(f"\nAll figures: {Path(store) / RESULTS_FILE}")
+    click.echo(f"\nAll figures: {Store(store, create=False).paths.search_eval}")

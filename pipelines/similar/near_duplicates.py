@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from featurestore import FeatureStoreError, Store
+from featurestore.paths import table_near_duplicates
 from featurestore.similarity import METRICS, pairs_within
 
 
@@ -42,7 +43,7 @@ def run_near_duplicates(config: NearDuplicatesConfig) -> pd.DataFrame:
         raw = np.flatnonzero(reader.column("aug_id") == 0)
         pairs = pairs_within(reader.read_features(raw), config.threshold, metric=config.metric)
         meta = reader.metadata().iloc[raw].reset_index(drop=True)
-        out_path = reader.table_dir / "near_duplicates.parquet"
+        out_path = table_near_duplicates(reader.table_dir)
     cols = ["image_id", "path", "label", "split"]
     a = meta.iloc[pairs["i"]][cols].add_suffix("_a").reset_index(drop=True)
     b = meta.iloc[pairs["j"]][cols].add_suffix("_b").reset_index(drop=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from featurestore import FeatureStoreError, Store, TableReader
+from featurestore._io import hash_file
 from featurestore.index import SimilarityIndex
 from featurestore.similarity import METRICS, Neighbours, exact_search
 
@@ -64,7 +64,7 @@ def query_vector(reader: TableReader, query: str, codes: dict[str, int], *,
     """Features of the query's raw row and its group code (-1 when not in the table)."""
     path = Path(query)
     if path.is_file():
-        image_id = hashlib.sha256(path.read_bytes()).hexdigest()
+        image_id = hash_file(path)
         if image_id not in codes:
             from pipelines.extract.featurize import featurize_files  # imports the backbone code
 
