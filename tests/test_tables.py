@@ -339,20 +339,25 @@ def test_consolidation_leftovers_are_not_read_twice(store):
     assert len(store.open(lin)) == 35
 
 
-def test_hdf5_part_chunks_fit_the_part_and_features_h5_keeps_full_chunks(store):
+def test_hdf5_chunks_fit_small_files_and_reach_full_size_as_the_table_grows(store):
     lin = make_lineage()
     with store.writer(lin, rows_per_part=32, consolidate=False) as w:
         w.append(**make_rows(32, d=1024))
     hdf5 = store.table_dir(lin) / "hdf5"
     [part] = hdf5.glob("part-*.h5")
     assert part.stat().st_size < 200_000  # 128 KB of features; was 4.5 MB (one 4 MiB chunk)
-    with store.writer(lin, rows_per_part=32) as w:
-        w.append(**make_rows(32, d=1024, start=32))  # a second part, then consolidation
+    with store.writer(lin):
+        pass  # consolidates the part alone
+    assert (hdf5 / "features.h5").stat().st_size < 200_000
+    for start, n in ((32, 8), (40, 2000)):  # re-chunked as it grows (rows 0-39 move twice)
+        with store.writer(lin, rows_per_part=1000) as w:
+            w.append(**make_rows(n, d=1024, start=start))
     with h5py.File(hdf5 / "features.h5") as f:
         assert f["features"].chunks == (1024, 1024)  # ~4 MiB: full reads stay fast
     reader = store.open(lin)
-    np.testing.assert_array_equal(reader.to_numpy().X[:, 0], np.arange(64))
-    assert list(reader.metadata()["path"][:2]) == ["c0/img_0.png", "c1/img_1.png"]
+    np.testing.assert_array_equal(reader.to_numpy().X[:, 0], np.arange(2040))
+    assert list(reader.metadata()["path"][39:41]) == ["c1/img_39.png", "c0/img_40.png"]
+    assert sorted(p.name for p in hdf5.iterdir()) == ["features.h5"]
 
 
 def test_reader_snapshot_survives_concurrent_consolidation(store):

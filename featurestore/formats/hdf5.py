@@ -88,15 +88,26 @@ def _encode(values: np.ndarray) -> np.ndarray:
     return encoded if encoded.dtype.itemsize else encoded.astype("S1")
 
 
-def _create_datasets(f: h5py.File, n_features: int, lineage: Lineage,
-                     n_rows: int | None = None) -> None:
-    """Empty datasets; ``n_rows`` sizes the chunks of a part file that will hold exactly
-    that many rows (None: a growing consolidated file, full-size chunks)."""
+def _chunk_rows(n_features: int, n_rows: int | None = None) -> tuple[int, int]:
+    """Rows per chunk of the features and of the metadata columns, for a file of about
+    ``n_rows`` rows (None: full size, ~4 MiB of features)."""
     # HDF5 allocates whole chunks, so a 32-row part with ~4 MiB chunks took 4.5 MB.
-    chunk_rows = max(1, _CHUNK_BYTES // (4 * n_features))
-    meta_rows = _META_CHUNK_ROWS
+    chunk_rows, meta_rows = max(1, _CHUNK_BYTES // (4 * n_features)), _META_CHUNK_ROWS
     if n_rows is not None:
         chunk_rows, meta_rows = max(1, min(chunk_rows, n_rows)), max(1, min(meta_rows, n_rows))
+    return chunk_rows, meta_rows
+
+
+def _capacity(n_rows: int) -> int:
+    """Rows a consolidated file is chunked for: the next power of two, so a growing table
+    is re-chunked only a few times before its chunks reach full size."""
+    return 1 << max(0, n_rows - 1).bit_length()
+
+
+def _create_datasets(f: h5py.File, n_features: int, lineage: Lineage,
+                     n_rows: int | None = None) -> None:
+    """Empty datasets, chunked for a file of about ``n_rows`` rows (see :func:`_chunk_rows`)."""
+    chunk_rows, meta_rows = _chunk_rows(n_features, n_rows)
     f.create_dataset("features", shape=(0, n_features), maxshape=(None, n_features),
                      dtype=np.float32, chunks=(chunk_rows, n_features))
     for name in META_COLUMNS:
@@ -132,6 +143,37 @@ def _append(f: h5py.File, columns) -> tuple[int, int]:
         ds.resize(stop, axis=0)
         ds[start:stop] = values
     return start, stop
+
+
+def _consolidated_copy(target: Path, tmp: Path, pending: list[Path],
+                       lineage: Lineage) -> h5py.File:
+    """``tmp`` opened for appending ``pending``, holding ``target``'s rows (if any).
+
+    Its chunks fit the rows it will hold: a copy of ``target`` while its chunks
+    are big enough, else a re-chunked rewrite (only while ``target`` is smaller
+    than one full chunk, so cheap); a table past one full chunk reads as before.
+    """
+    rows = 0
+    for part in pending:
+        with _open(part) as source:
+            rows, n_features = rows + source["features"].shape[0], source["features"].shape[1]
+    if target.exists():
+        with _open(target) as old:
+            rows += old["features"].shape[0]
+            have = old["features"].chunks[0]
+        if have >= _chunk_rows(n_features, rows)[0]:
+            shutil.copyfile(target, tmp)
+            return h5py.File(tmp, "a")
+    f = h5py.File(tmp, "w")
+    try:
+        _create_datasets(f, n_features, lineage, n_rows=_capacity(rows))
+        if target.exists():
+            with _open(target) as old:  # first, so every absorbed row range stays valid
+                _append(f, old)
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def _check_free_space(directory: Path, files: list[Path]) -> None:
@@ -230,13 +272,7 @@ class HDF5Format(TableFormat):
             _check_free_space(directory, [target, *pending])
 
             def write(tmp: Path) -> None:
-                if target.exists():
-                    shutil.copyfile(target, tmp)
-                    f = h5py.File(tmp, "a")
-                else:
-                    f = h5py.File(tmp, "w")
-                    with _open(pending[0]) as first:
-                        _create_datasets(f, first["features"].shape[1], lineage)
+                f = _consolidated_copy(target, tmp, pending, lineage)
                 with f:
                     for part in pending:
                         with _open(part) as source:  # raw bytes: no decode/encode round trip
