@@ -158,9 +158,11 @@ class Lineage:
     @property
     def name(self) -> str:
         """How a table is shown: ``densenet121/max/224``, plus ``+<preset>`` when augmented
-        and ``@<precision>`` when not float32; also a query that finds the table.
+        and ``@<precision>`` when not float32; also a query that matches the table.
 
-        Not unique (weights, views and seed are left out): the key is.
+        Not unique (weights, views, seed and runtime are left out): the key is. As a
+        query, a name without ``+<preset>`` also matches the augmented tables of that
+        recipe, as ``densenet121/max`` always has.
         """
         h, w = self.input_size
         name = f"{self.backbone}/{self.pool}/{h if h == w else f'{h}x{w}'}"

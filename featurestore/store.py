@@ -110,7 +110,7 @@ class Store:
             listing = "\n".join(f"  {_describe(lin)}" for lin in matches)
             raise AmbiguousTableError(
                 f"{len(matches)} tables match {_show(query)}; name one by key or add fields "
-                f"(weights=..., input_size=..., augmentation=...):\n{listing}")
+                f"(weights=..., input_size=..., augmentation=..., precision=...):\n{listing}")
         return matches[0]
 
     def _known(self) -> str:
@@ -172,10 +172,7 @@ def parse_shard(shard: str) -> tuple[int, int]:
 
 
 def _describe(lin: Lineage) -> str:
-    aug = (lin.augmentation or {}).get("preset", "none")
-    h, w = lin.input_size
-    return (f"{lin.key}  backbone={lin.backbone} pool={lin.pool} input_size={h}x{w} "
-            f"weights={lin.weights} augmentation={aug}")
+    return f"{lin.key}  {lin.name}  weights={lin.weights}"
 
 
 def _show(query: Any) -> str:

@@ -10,6 +10,11 @@ import pandas as pd
 
 from featurestore import FeatureStoreError, Store
 
+#: Columns the listing prints; the table is shown by its ``Lineage.name``. The frame
+#: also keeps each name's parts (backbone, pool, input, augment, precision, runtime)
+#: for filtering.
+LISTED = ["key", "rows", "dim", "formats", "size_mb", "name", "weights", "pending"]
+
 
 @dataclass
 class TablesConfig:
@@ -18,7 +23,7 @@ class TablesConfig:
 
 
 def run_tables(config: TablesConfig) -> pd.DataFrame:
-    """One row per table: key, rows, dimension, formats, size on disk and lineage fields."""
+    """One row per table: key, rows, dimension, formats, size on disk, name and lineage fields."""
     store = Store(config.store, create=False)
     records = []
     for info in store.tables():
@@ -27,15 +32,21 @@ def run_tables(config: TablesConfig) -> pd.DataFrame:
         records.append({
             "key": info.key, "rows": info.rows, "dim": info.dimension,
             "formats": ",".join(info.formats) or "-", "size_mb": info.size_bytes / 2**20,
-            "backbone": lin.backbone, "pool": lin.pool, "input": f"{h}x{w}",
+            "name": lin.name,
             "weights": lin.weights + (f" ({lin.weights_sha256[:12]})" if lin.weights_sha256
                                       else ""),
-            "augment": (lin.augmentation or {}).get("preset", "none"),
             "pending": ",".join(info.pending_writers),
+            "backbone": lin.backbone, "pool": lin.pool, "input": f"{h}x{w}",
+            "augment": lin.augmentation_preset, "precision": lin.precision,
+            "runtime": lin.runtime,
         })
-    return pd.DataFrame.from_records(records, columns=[
-        "key", "rows", "dim", "formats", "size_mb", "backbone", "pool", "input", "weights",
-        "augment", "pending"])
+    return pd.DataFrame.from_records(records, columns=LISTED + [
+        "backbone", "pool", "input", "augment", "precision", "runtime"])
+
+
+def format_tables(frame: pd.DataFrame) -> str:
+    """The printed listing of :func:`run_tables`' frame."""
+    return frame[LISTED].to_string(index=False, float_format=lambda v: f"{v:.1f}")
 
 
 @click.command("tables")
@@ -50,7 +61,7 @@ def command(store: Path, versions: bool):
     if frame.empty:
         click.echo(f"No feature tables in {store} yet; `featurestore extract` writes them.")
         return
-    click.echo(frame.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    click.echo(format_tables(frame))
     if versions:
         for lin in Store(store, create=False).lineages():
             pairs = ", ".join(f"{k} {v}" for k, v in sorted(lin.library_versions.items()))

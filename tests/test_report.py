@@ -237,9 +237,9 @@ def test_before_after_view_and_pairs_sit_side_by_side(report, store):
     pooling = html[html.index('id="compare-pooling"'): html.index('id="compare-augmentation"')]
     assert ">avg<" in pooling and ">max<" in pooling and "± " in pooling
     augmentation = html[html.index('id="compare-augmentation"'): html.index('id="compare-heads"')]
-    assert augmentation.index(">raw<") < augmentation.index(">noise x1<")
+    assert augmentation.index(">none<") < augmentation.index(">noise x1<")
     search = html[html.index('id="search"'): html.index('id="models"')]
-    assert all(f"digits/{pool} @5" in search for pool in ("max", "avg"))
+    assert all(f"digits/{pool}/8 @5" in search for pool in ("max", "avg"))
 
 
 def test_a_store_without_models_gets_a_dataset_only_report(tmp_path):
@@ -395,3 +395,16 @@ def test_cli_report(store, tmp_path):
                                        "--gallery-size", "2"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r" / "index.html").exists() and "Report:" in result.output
+
+
+def test_compare_shows_each_table_by_its_lineage_name_even_from_an_older_leaderboard():
+    from pipelines.report.compare import enrich_leaderboard
+
+    raw = lineage()
+    noisy = lineage(augmentation={"preset": "noise", "views": 1, "seed": 0, "splits": ["train"]})
+    board = pd.DataFrame({"table_key": [raw.key, noisy.key, "gone-key"], "head": ["logreg"] * 3,
+                          "objective": ["accuracy"] * 3, "view": [""] * 3,
+                          "table": ["digits/max", "digits/max/8+noise", None]})  # old spellings
+    rows = enrich_leaderboard(board, {raw.key: raw, noisy.key: noisy}, [])
+    assert rows["table"].tolist() == ["digits/max/8", "digits/max/8+noise", "gone-key"]
+    assert rows["augmentation"].tolist() == ["none", "noise x1", "none"]

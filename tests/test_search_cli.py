@@ -81,8 +81,8 @@ def test_eval_search_compares_tables_per_class(digits_store):
     overall = result[(result.label == "all") & (result.queries == 300) & (result.k == 10)]
     by_name = dict(zip(overall.name, overall.precision))
     # Own views excluded: clean digits still reach ~0.95, noisy pixels far less.
-    assert 0.9 <= by_name["densenet121/max"] < 1.0
-    assert by_name["densenet121/avg"] < by_name["densenet121/max"] - 0.1
+    assert 0.9 <= by_name["densenet121/max/32"] < 1.0  # tables by their Lineage.name
+    assert by_name["densenet121/avg/32"] < by_name["densenet121/max/32"] - 0.1
     per_class = result[(result.queries == 300) & (result.k == 20) & (result.label != "all")]
     assert per_class.groupby("name")["n_queries"].sum().tolist() == [300, 300]
     side_by_side = comparison_table(result)
@@ -91,12 +91,29 @@ def test_eval_search_compares_tables_per_class(digits_store):
     assert len(saved) == len(result)
 
 
+def test_eval_search_names_old_rows_anew_and_never_averages_two_tables_of_one_name(tmp_path):
+    from pipelines.similar.evaluate import _save
+
+    columns = ["table", "name", "queries", "k", "label", "n_queries", "precision", "metric"]
+    a, b = "densenet121-max-32-aaaaaaaaaaaa", "densenet121-max-32-bbbbbbbbbbbb"
+    path = tmp_path / "search_eval.parquet"
+    pd.DataFrame([(a, "densenet121/max", 50, 5, "all", 50, 0.8, "cosine")],  # older spelling
+                 columns=columns).to_parquet(path)
+    _save(path, pd.DataFrame([(a, "densenet121/max/32", 100, 5, "all", 100, 0.9, "cosine"),
+                              (b, "densenet121/max/32", 100, 5, "all", 100, 0.5, "cosine")],
+                             columns=columns))
+    saved = pd.read_parquet(path)
+    assert set(saved["name"]) == {"densenet121/max/32"} and len(saved) == 3
+    side_by_side = comparison_table(saved)
+    assert sorted(side_by_side.loc["all"].tolist()) == [0.5, 0.9]  # two columns, not a mean
+
+
 def test_eval_search_cli_prints_tables_side_by_side(digits_store):
     store, *_ = digits_store
     out = CliRunner().invoke(main, ["eval-search", "--store", str(store.root), "--k", "10",
                                     "--queries", "64"])
     assert out.exit_code == 0, out.output
-    assert "densenet121/max" in out.output and "densenet121/avg" in out.output
+    assert "densenet121/max/32" in out.output and "densenet121/avg/32" in out.output
     assert "own augmented views excluded" in out.output
 
 

@@ -30,7 +30,7 @@ from pipelines.heads.leaderboard import format_leaderboard
 from pipelines.heads.predict import PredictConfig, run_predict
 from pipelines.report.run import ReportConfig, run_report
 from pipelines.scan import ScanConfig, run_scan
-from pipelines.tables import TablesConfig, run_tables
+from pipelines.tables import TablesConfig, format_tables, run_tables
 from pipelines.backbones.weights import WeightsError, resolve_weights
 
 
@@ -107,7 +107,7 @@ def run_demo(config: DemoConfig, echo=print) -> dict:
     report = run_report(ReportConfig(store=config.store), echo=echo)
     tables = run_tables(TablesConfig(store=config.store))
     echo("\nFeature tables:")
-    echo(tables.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+    echo(format_tables(tables))
     echo(f"\nOpen the report in a browser: {report}")
     return {"scan": scan, "extract": extract, "eval_search": search, "fit_heads": heads,
             "audit": audit, "fit_heads_view": cleaned, "predict": predict, "report": report,

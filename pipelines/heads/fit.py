@@ -320,13 +320,10 @@ def _save_predictions(path: Path, ids, labels, extra: dict, proba, classes) -> N
 def _leaderboard_row(lineage, result: HeadResult, objective, eval_split, is_raw,
                      seconds, view: str | None = None) -> dict:
     metrics = result.metrics or {}
-    h, w = lineage.input_size
-    aug = (lineage.augmentation or {}).get("preset", "none")
     times = result.search.trial_seconds
     return {
         "table_key": lineage.key, "head": result.head, "objective": objective.label,
-        "view": view or "",
-        "table": f"{lineage.backbone}/{lineage.pool}/{h}" + (f"+{aug}" if aug != "none" else ""),
+        "view": view or "", "table": lineage.name,
         "train_raw_rows": int(is_raw.sum()), "train_aug_rows": int((~is_raw).sum()),
         "cv_score": result.search.value, "eval_split": eval_split,
         "accuracy": metrics.get("accuracy"), "balanced_accuracy": metrics.get("balanced_accuracy"),

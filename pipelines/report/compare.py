@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 
 from featurestore import Lineage
+from featurestore.lineage import NO_AUGMENTATION
 from pipelines.report.data import FOLD_METRICS, ModelFacts
 
 #: Values of a varied column shown first in their group: the "before" of a comparison.
-BASELINES = ("", "raw")
+BASELINES = ("", NO_AUGMENTATION)
 #: Columns that describe the recipe of a row's table (from its lineage).
 RECIPE = ("backbone", "weights", "input_size", "preprocessing")
 
@@ -50,12 +51,11 @@ COMPARISONS = (
 
 
 def augmentation_name(lineage: Lineage | None) -> str:
-    """``raw`` or ``<preset> x<views>`` from a lineage's augmentation spec."""
-    spec = (lineage.augmentation or {}) if lineage is not None else {}
-    if not spec:
-        return "raw"
-    preset = spec.get("preset", "augmented")
-    return f"{preset} x{spec['views']}" if "views" in spec else str(preset)
+    """:data:`~featurestore.lineage.NO_AUGMENTATION` or ``<preset> x<views>``."""
+    if lineage is None or not lineage.augmentation:
+        return NO_AUGMENTATION
+    views = lineage.augmentation.get("views")
+    return lineage.augmentation_preset + (f" x{views}" if views is not None else "")
 
 
 def enrich_leaderboard(board: pd.DataFrame, lineages: dict[str, Lineage],
@@ -75,8 +75,13 @@ def enrich_leaderboard(board: pd.DataFrame, lineages: dict[str, Lineage],
         recipe = {name: _recipe_value(lineage, name) for name in RECIPE + ("pool",)}
         key = (row["table_key"], row["head"], row.get("view", ""), row.get("objective"))
         found = spread.get(key, {})
+        # The lineage's name, not the row's: leaderboards written before Lineage.name
+        # spelled some tables otherwise (no size, no precision), or not at all (NaN).
+        shown = row.get("table")
+        table = lineage.name if lineage is not None else \
+            shown if isinstance(shown, str) and shown else row["table_key"]
         rows.append({**row, **recipe, "augmentation": augmentation_name(lineage),
-                     "table": row.get("table") or row["table_key"],
+                     "table": table,
                      **{f"cv_{name}": found.get(name) for name in FOLD_METRICS}})
     return pd.DataFrame.from_records(rows)
 
@@ -97,7 +102,7 @@ def comparison_groups(board: pd.DataFrame,
     """``(group label, rows)`` for every group with two or more values of ``comparison.vary``.
 
     Rows within a group are sorted by the varied value, baselines first (view
-    "" before a cleaned view, raw before augmented).
+    "" before a cleaned view, no augmentation before augmented).
     """
     if board.empty:
         return []

@@ -21,8 +21,8 @@ from classifiers.metrics import roc_auc
 from featurestore import Store
 from pipelines.report import figures
 from pipelines.html import thumbnail
-from pipelines.report.compare import (COMPARISON_COLUMNS, COMPARISONS, augmentation_name,
-                                      comparison_groups, comparison_rows)
+from pipelines.report.compare import (COMPARISON_COLUMNS, COMPARISONS, comparison_groups,
+                                      comparison_rows)
 from pipelines.report.data import (FOLD_METRICS, PROBA_PREFIX, DatasetFacts, ImageLocator,
                                    ModelFacts, misclassified)
 
@@ -75,10 +75,10 @@ def dataset_section(facts: DatasetFacts, tables: list, out_dir: Path) -> dict:
 
 
 def _recipe(lineage) -> str:
-    """``backbone/pool/size`` plus the augmentation, as the leaderboard names tables."""
-    aug = augmentation_name(lineage)
-    return f"{lineage.backbone}/{lineage.pool}/{lineage.input_size[0]}" + \
-        ("" if aug == "raw" else f"+{aug}") + f" ({lineage.weights})"
+    """The table's name (as the leaderboard shows it), its weights and augmented views."""
+    views = (lineage.augmentation or {}).get("views")
+    return f"{lineage.name} ({lineage.weights}" + \
+        (f", {views} augmented views)" if views else ")")
 
 
 def leaderboard_grid(board: pd.DataFrame) -> Grid | None:

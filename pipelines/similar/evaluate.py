@@ -76,7 +76,7 @@ def _evaluate_table(store: Store, lineage, config: EvalSearchConfig) -> pd.DataF
                              query_groups=groups[rows], base_groups=groups)
     rank_of = {row: i for i, row in enumerate(rows)}
     neighbour_labels = np.where(found.index >= 0, labels[np.maximum(found.index, 0)], None)
-    name = _name(lineage)
+    name = lineage.name
     records = []
     for n_queries in sorted(set(min(q, order.size) for q in config.queries)):
         picked = np.array([rank_of[r] for r in order[:n_queries]])
@@ -92,14 +92,12 @@ def _evaluate_table(store: Store, lineage, config: EvalSearchConfig) -> pd.DataF
         "table", "name", "queries", "k", "label", "n_queries", "precision"])
 
 
-def _name(lineage) -> str:
-    aug = (lineage.augmentation or {}).get("preset")
-    return f"{lineage.backbone}/{lineage.pool}" + (f"+{aug}" if aug else "")
-
-
 def _save(path: Path, result: pd.DataFrame) -> None:
     if path.exists():
         old = pd.read_parquet(path)
+        # Rows of files written before Lineage.name spelled tables without their size.
+        names = result.drop_duplicates("table").set_index("table")["name"]
+        old["name"] = old["table"].map(names).fillna(old["name"])
         same = old.set_index(["table", "metric", "queries", "k"]).index.isin(
             result.set_index(["table", "metric", "queries", "k"]).index)
         result = pd.concat([old[~same], result], ignore_index=True)
@@ -109,6 +107,10 @@ def _save(path: Path, result: pd.DataFrame) -> None:
 def comparison_table(result: pd.DataFrame) -> pd.DataFrame:
     """Classes as rows, (table, k) as columns: the side-by-side view that is printed."""
     largest = result[result["queries"] == result["queries"].max()]
+    # Tables differing only in weights or views share a name; pivoting would average them.
+    shared = largest.groupby("name")["table"].transform("nunique") > 1
+    largest = largest.assign(name=largest["name"].where(
+        ~shared, largest["name"] + " " + largest["table"].str[-12:]))
     table = largest.pivot_table(index="label", columns=["name", "k"], values="precision")
     ordered = [label for label in table.index if label != "all"] + ["all"]
     return table.reindex(ordered)
