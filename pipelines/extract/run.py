@@ -16,8 +16,10 @@ Click layer over it. One run:
 
 Exit status of the command: 0 all views extracted; 3 finished, but some files
 could not be decoded (listed in ``STORE/extract_errors.sqlite`` and in the
-summary); 2 bad arguments, or weights that cannot be found or do not fit;
-1 anything else. A killed run is resumed by running the same command again.
+summary, files changed since the scan among them); 2 bad arguments, or
+weights that cannot be found or do not fit; 4 the store could not be written
+(disk full, quota, read-only: ``pipelines.errors``); 1 anything else, a killed
+worker included. A killed run is resumed by running the same command again.
 """
 
 from __future__ import annotations
@@ -317,7 +319,8 @@ def command(dataset, store, backbone, pool, weights, image_size, augment, augmen
 
     Rerunning the same command extracts only the missing rows (after a crash or
     kill too). Exit status: 0 done; 3 done, but some files failed (listed, and
-    kept in STORE/extract_errors.sqlite); 2 bad arguments or unusable weights.
+    kept in STORE/extract_errors.sqlite); 2 bad arguments or unusable weights;
+    4 the store could not be written (disk full): free space and rerun.
     """
     config = ExtractConfig(
         dataset=dataset, store=store, backbone=backbone, pool=pool, weights=weights,

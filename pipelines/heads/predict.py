@@ -24,7 +24,9 @@ threshold) and ``error`` (empty, or why the file could not be scored; such
 rows have no probabilities).
 
 Exit status: 0 every file scored; 3 some files failed (listed); 2 bad
-arguments, unknown model, refused weights, or no file scored; 1 anything else.
+arguments, unknown model, refused weights, or no file scored; 4 the cache or
+``--out`` could not be written (disk full: ``pipelines.errors``); 1 anything else.
+A file name that is not UTF-8 keeps its row, its path written with ``\\x`` escapes.
 """
 
 from __future__ import annotations
@@ -441,7 +443,7 @@ def command(inputs, store, model, out, weights, recompute, batch_size, workers, 
     store when the image is already there) and cached, then the head and its
     saved threshold are applied. Exit status: 0 all scored; 3 some files
     failed (listed, and in the error column); 2 bad input, unknown model,
-    refused weights or nothing scored.
+    refused weights or nothing scored; 4 the cache or --out could not be written.
     """
     config = PredictConfig(inputs=list(inputs), store=store, model=model, out=out,
                            weights=weights, recompute=recompute, batch_size=batch_size,
