@@ -4,6 +4,7 @@ Each is run through the ``featurestore`` command as a user would, and each
 ends with a rerun that repairs what the fault left.
 """
 
+import errno
 import functools
 import hashlib
 import os
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import click
 import psutil
 import pytest
 from click.testing import CliRunner
@@ -22,7 +24,7 @@ from click.testing import CliRunner
 from featurestore import Store
 from featurestore.scan import hash_file
 from pipelines.cli import main
-from pipelines.errors import EXIT_CANNOT_WRITE
+from pipelines.errors import EXIT_CANNOT_WRITE, one_line_failures
 from pipelines.extract import run as extract_run
 from pipelines.extract.errors import read_errors
 from pipelines.extract.run import ExtractConfig, run_extract
@@ -144,6 +146,30 @@ def test_full_disk_is_one_line_keeps_committed_rows_and_a_rerun_completes(
     assert not list(store.rglob(".tmp-*"))  # the half-written file of the full disk is gone
     for image_id, features in committed.items():  # kept as they were, not recomputed
         np.testing.assert_array_equal(complete[image_id], features)
+
+
+def test_every_command_reports_a_write_failure_in_one_line_and_nothing_else():
+    assert all(getattr(cmd.callback, "_one_line_failures", False)
+               for cmd in main.commands.values()), "a command without the shared handler"
+
+    @click.command()
+    @click.option("--store")
+    def quota(store):  # a command that wrapped the OSError in its own error, as many do
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", f"{store}/part.h5")
+        except OSError as err:
+            raise click.ClickException("could not save") from err
+
+    @click.command()
+    def bug():
+        raise OSError(errno.EACCES, "Permission denied")
+
+    out = CliRunner().invoke(click.Command("q", callback=one_line_failures(quota.callback),
+                                           params=quota.params), ["--store", "S"])
+    assert out.exit_code == EXIT_CANNOT_WRITE
+    assert out.output.startswith("Error: cannot write S/part.h5 (store S): disk quota exceeded.")
+    other = CliRunner().invoke(click.Command("b", callback=one_line_failures(bug.callback)))
+    assert isinstance(other.exception, PermissionError)  # not a write failure: kept as is
 
 
 # -- a killed worker -----------------------------------------------------------------
