@@ -115,5 +115,6 @@ def one_line_failures(callback):
 
 def _where(params: dict) -> str | None:
     """The store (and output) a command writes to, from its Click parameters."""
-    places = [f"{name} {params[name]}" for name in ("store", "out") if params.get(name)]
-    return ", ".join(places) or None
+    places = [f"{label} {params[name]}" for name, label in (("store", "store"), ("out", "output"))
+              if params.get(name)]
+    return " or ".join(places) or None
