@@ -87,3 +87,23 @@ def test_quick_start_installs_the_cpu_builds_and_ci_runs_its_test_command():
     assert commands == ['pip install -e ".[cpu]" && featurestore demo',
                         'pip install -e ".[cpu,test]" && python -m pytest']
     assert commands[1] in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+
+def test_without_xgboost_every_other_head_works_and_xgboost_says_what_to_install():
+    # A bare `pip install -e .` (neither the cpu nor the gpu extra) has no XGBoost.
+    code = (
+        "import sys; sys.modules['xgboost'] = None\n"
+        "import numpy as np\n"
+        "from classifiers import ClassifierError\n"
+        "from classifiers.registry import create_head, list_heads\n"
+        "assert 'xgboost' in list_heads()\n"
+        "X = np.random.default_rng(0).normal(size=(40, 3)); y = np.arange(40) % 2\n"
+        "create_head('logreg').fit(X, y)\n"
+        "try:\n"
+        "    create_head('xgboost').fit(X, y)\n"
+        "except ClassifierError as err:\n"
+        "    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert 'pip install -e ".[cpu]"' in out.stdout

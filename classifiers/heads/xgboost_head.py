@@ -16,10 +16,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import xgboost as xgb
-
+from classifiers.errors import ClassifierError
 from classifiers.heads.base import HeadBase, expect_file, inner_split
 from classifiers.registry import register_head
+
+
+def _xgb():
+    # Imported on use: xgboost comes from the `cpu` (xgboost-cpu) or `gpu` (xgboost)
+    # extra, so a bare install still lists and fits every other head.
+    try:
+        import xgboost
+    except ImportError as err:
+        raise ClassifierError("The xgboost head needs XGBoost: pip install -e \".[cpu]\" "
+                              "(or \".[gpu]\" on a GPU machine).") from err
+    return xgboost
 
 UBJ_FILE = "model.ubj"
 
@@ -105,6 +115,7 @@ class XGBoostHead(HeadBase):
     def fit(self, X, y, groups=None, sample_weight=None):
         """Fit on ``X (n_samples, n_features)``; ``groups`` keep the hold-out grouped."""
         X, y_enc, weight = self._prepare_fit(X, y, sample_weight)
+        xgb = _xgb()
         split = inner_split(y_enc, groups, self.validation_fraction, self.random_state)
         if split is None:
             dtrain = xgb.QuantileDMatrix(X, y_enc, weight=weight, max_bin=self.max_bin)
@@ -125,7 +136,7 @@ class XGBoostHead(HeadBase):
         return self
 
     def _proba(self, X):
-        return self.booster_.predict(xgb.DMatrix(X),
+        return self.booster_.predict(_xgb().DMatrix(X),
                                      iteration_range=(0, self.best_iteration_ + 1))
 
     def save(self, folder: Path) -> list[str]:
@@ -140,7 +151,7 @@ class XGBoostHead(HeadBase):
     def load(cls, folder: Path, files: list[str], state, params) -> XGBoostHead:
         head = cls(**params)
         head._restore_state(state)
-        head.booster_ = xgb.Booster()
+        head.booster_ = _xgb().Booster()
         head.booster_.load_model(str(folder / expect_file(cls, files, UBJ_FILE)))
         head.best_iteration_ = int(state["best_iteration_"])
         return head

@@ -115,11 +115,14 @@ def library_versions() -> dict[str, str]:
     import optuna
     import skops
     import sklearn
-    import xgboost
 
     versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "scikit-learn": sklearn.__version__, "xgboost": xgboost.__version__,
-                "optuna": optuna.__version__, "skops": skops.__version__}
+                "scikit-learn": sklearn.__version__, "optuna": optuna.__version__,
+                "skops": skops.__version__}
+    with contextlib.suppress(ImportError):  # an optional extra (cpu or gpu)
+        import xgboost
+
+        versions["xgboost"] = xgboost.__version__
     if "keras" in sys.modules:
         versions["keras"] = sys.modules["keras"].__version__
         versions["keras_backend"] = sys.modules["keras"].backend.backend()
