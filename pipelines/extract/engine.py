@@ -177,6 +177,7 @@ def _worker_main(index, settings, cores, task_q, conn):
     os.environ.update(_thread_env(len(cores)))
     parent = os.getppid()
     _exit_when_orphaned(parent)
+    outbox = _Outbox(conn)
     try:
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cores)
@@ -185,17 +186,49 @@ def _worker_main(index, settings, cores, task_q, conn):
 
             torch.set_num_threads(len(cores))
         engine = FeatureEngine(dataclasses.replace(settings, decode_threads=len(cores)))
-        conn.send(("ready", None))
+        outbox.send(("ready", None))
         for result in engine.run(_queued_tasks(task_q, parent)):
-            conn.send(("result", result))
-        conn.send(("done", None))
+            outbox.send(("result", result))
+        outbox.send(("done", None))
+        outbox.close()
     except BaseException as err:  # report anything, then exit non-zero
         trace = traceback.format_exc()
         try:
-            conn.send(("error", (err, trace)))
+            outbox.send(("error", (err, trace)))
         except Exception:  # the error itself does not pickle: send its text
-            conn.send(("error", (None, trace)))
+            outbox.send(("error", (None, trace)))
+        outbox.close()
         raise SystemExit(1) from None
+
+
+class _Outbox:
+    """Sends a worker's messages from a thread, so the worker computes on while the
+    parent is busy (writing and fsyncing a part), as a ``multiprocessing.Queue``'s
+    feeder thread let it. Unbounded, as that queue was: what a worker can compute is
+    already bounded by the chunks the parent hands out."""
+
+    def __init__(self, conn):
+        import threading
+
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="outbox",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, conn) -> None:
+        for data in iter(self._queue.get, None):
+            conn.send_bytes(data)
+
+    def send(self, message) -> None:
+        """Queue ``message``; it is pickled here, so an unpicklable one raises here."""
+        from multiprocessing.reduction import ForkingPickler
+
+        self._queue.put(bytes(ForkingPickler.dumps(message)))
+
+    def close(self) -> None:
+        """Wait until every queued message is in the pipe."""
+        self._queue.put(None)
+        self._thread.join()
 
 
 def _exit_when_orphaned(parent: int) -> None:
