@@ -350,6 +350,7 @@ def test_the_stores_own_report_is_rebuilt_even_from_a_copy_or_an_older_version(b
     (own / MARKER).unlink()  # as written before markers: only report.json said "report"
     build(moved, own, map="pca")
     assert (own / MARKER).exists()
+    assert not list(moved.glob(".report.*"))  # the older report's files went, none kept aside
     (own / MARKER).unlink()
     (own / "notes.txt").write_text("keep")
     with pytest.raises(FeatureStoreError, match="holds no earlier report"):

@@ -85,6 +85,7 @@ def finish(building: Path, out: Path, store_root: Path,
     _write_marker(building, store_root, files=files)
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
+        _mark_legacy(out)
         os.replace(out, old)
     os.replace(building, out)
     if old.exists():
@@ -147,6 +148,15 @@ def _read_marker(folder: Path, *, own: bool) -> dict | None:
     if own and (folder / _LEGACY_SUMMARY).is_file():
         return _legacy_marker(folder)
     return None
+
+
+def _mark_legacy(folder: Path) -> None:
+    """Give a report written before markers (accepted by :func:`check_out`) the marker
+    listing its files, so that removing it removes them instead of keeping them all."""
+    if not (folder / MARKER).exists() and (folder / _LEGACY_SUMMARY).is_file():
+        legacy = _legacy_marker(folder)
+        if legacy is not None:
+            (folder / MARKER).write_text(json.dumps(legacy), encoding="utf-8")
 
 
 def _legacy_marker(folder: Path) -> dict | None:
