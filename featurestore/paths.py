@@ -129,9 +129,5 @@ def table_pending(table_dir: Path) -> Path:
     return Path(table_dir) / PENDING_DIR
 
 
-def table_lineage_file(table_dir: Path) -> Path:
-    return Path(table_dir) / LINEAGE_FILE
-
-
 def table_near_duplicates(table_dir: Path) -> Path:
     return Path(table_dir) / NEAR_DUPLICATES_FILE

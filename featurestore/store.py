@@ -15,7 +15,7 @@ from featurestore.errors import (AmbiguousTableError, FeatureStoreError, TableNo
 from featurestore.lineage import Lineage, parse_query
 from featurestore.reader import TableReader
 from featurestore.commit import commit_pending
-from featurestore.paths import LINEAGE_FILE, MANIFEST_FILE, TABLES_DIR, StorePaths, table_pending
+from featurestore.paths import LINEAGE_FILE, StorePaths, table_pending
 from featurestore.tablefiles import read_table_lineage, table_formats
 from featurestore.writer import TableWriter
 
