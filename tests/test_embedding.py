@@ -24,7 +24,7 @@ from pipelines.similar.evaluate import EvalSearchConfig, run_eval_search
 from tests.test_tables import make_lineage
 
 N_IMAGES = 900  # of the 1,797 digits; the rest are "new" images for extend_derived
-FIT = dict(dim=16, hidden=(64,), epochs=2, p=10, k=4)
+FIT = dict(dim=16, epochs=2, p=10, k=4, learning_rate=1e-3)  # tiny data: learn fast
 
 
 def _ids(n0, n1):
@@ -59,7 +59,7 @@ def test_derived_table_records_parent_spec_and_weights_hash(fitted):
     assert lineage.derived["parent_key"] == parent.key
     spec = lineage.derived["projection"]
     assert (spec["dim"], spec["loss"], spec["mining"], spec["hidden"]) == \
-        (16, "triplet", "semi-hard", [64])
+        (16, "triplet", "semi-hard", [])
     folder = store.table_dir(lineage)
     assert lineage.derived["weights_sha256"] == hash_file(table_projection(folder))
     assert lineage.key != parent.key and lineage.name == "densenet121/avg/32+emb16"
@@ -102,7 +102,7 @@ def test_eval_search_scores_derived_table_beside_its_parent(fitted):
                                              tables=[parent.key, result.lineage.name]))
     overall = frame[frame["label"] == "all"].set_index("table")["precision"]
     assert set(overall.index) == {parent.key, result.lineage.key}
-    assert overall[result.lineage.key] > 0.8  # two epochs on 8x8 digits already separate them
+    assert overall[result.lineage.key] > 0.8
 
 
 def test_sampler_takes_p_classes_of_k_distinct_images():

@@ -20,6 +20,10 @@ from classifiers.embedding.losses import LOSSES, MARGINS, MININGS, MetricLoss
 from classifiers.embedding.sampler import PKSampler
 from classifiers.errors import ClassifierError
 
+INITS = ("pca", "random")
+#: Rows the PCA start is computed from (enough for stable leading axes).
+PCA_ROWS = 5000
+
 
 @dataclass(frozen=True)
 class ProjectionSpec:
@@ -27,8 +31,11 @@ class ProjectionSpec:
 
     dim: int = 128
     """Width of the embedding."""
-    hidden: tuple[int, ...] = (512,)
+    hidden: tuple[int, ...] = ()
     """Widths of the hidden ReLU layers; ``()`` is a linear projection."""
+    init: str = "pca"
+    """First layer's start: ``pca`` (the principal axes of the standardised rows, so
+    training starts from the parent's own neighbourhoods) or ``random``."""
     loss: str = "triplet"
     """``triplet`` or ``contrastive``."""
     mining: str = "semi-hard"
@@ -41,7 +48,9 @@ class ProjectionSpec:
     k: int = 4
     """Rows per class per batch."""
     dropout: float = 0.1
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
+    """Adam's rate; low, so the PCA start is refined rather than forgotten (the unseen
+    classes of benchmarks/bench_embedding.py lose their neighbourhoods at 1e-3)."""
     seed: int = 0
     extra: dict = field(default_factory=dict)
     """What the caller adds to the record (the rows it was trained on, ...)."""
@@ -53,6 +62,8 @@ class ProjectionSpec:
         if self.mining not in MININGS:
             raise ClassifierError(
                 f"mining must be one of {', '.join(MININGS)}; got {self.mining!r}.")
+        if self.init not in INITS:
+            raise ClassifierError(f"init must be one of {', '.join(INITS)}; got {self.init!r}.")
         if self.dim < 1 or self.epochs < 1 or min(self.hidden, default=1) < 1:
             raise ClassifierError(f"dim, epochs and hidden widths must be >= 1; got dim="
                                   f"{self.dim}, epochs={self.epochs}, hidden={self.hidden}.")
@@ -68,14 +79,30 @@ def build_projection(X: np.ndarray, spec: ProjectionSpec):
     """A Keras model ``(n, n_features) -> (n, dim)`` standardised by ``X``'s statistics."""
     import keras
 
+    mean, variance = X.mean(0), X.var(0) + 1e-6
     inputs = keras.Input((X.shape[1],), name="features")
-    x = keras.layers.Normalization(mean=X.mean(0), variance=X.var(0) + 1e-6)(inputs)
-    for width in spec.hidden:
-        x = keras.layers.Dense(width, activation="relu")(x)
-        x = keras.layers.Dropout(spec.dropout)(x)
-    x = keras.layers.Dense(spec.dim)(x)
+    x = keras.layers.Normalization(mean=mean, variance=variance)(inputs)
+    widths = [*spec.hidden, spec.dim]
+    for i, width in enumerate(widths):
+        layer = keras.layers.Dense(width, activation="relu" if i < len(spec.hidden) else None)
+        x = layer(x)
+        if i == 0 and spec.init == "pca":
+            kernel, bias = layer.get_weights()
+            axes = pca_axes((X - mean) / np.sqrt(variance), width, spec.seed)
+            kernel[:, :axes.shape[1]] = axes
+            layer.set_weights([kernel, bias])
+        if i < len(spec.hidden):
+            x = keras.layers.Dropout(spec.dropout)(x)
     outputs = keras.layers.UnitNormalization(name="embedding")(x)
     return keras.Model(inputs, outputs, name="projection")
+
+
+def pca_axes(Z: np.ndarray, width: int, seed: int = 0) -> np.ndarray:
+    """``(n_features, min(width, rank))`` leading principal axes of standardised rows ``Z``,
+    scaled so that projected rows keep the spread of ``Z`` (a rotation, not a whitening)."""
+    rows = np.random.default_rng(seed).permutation(len(Z))[:PCA_ROWS]
+    _, _, vt = np.linalg.svd(Z[rows] - Z[rows].mean(0), full_matrices=False)
+    return vt[:width].T.astype(np.float32)
 
 
 def fit_projection(X: np.ndarray, labels: np.ndarray, groups: np.ndarray, spec: ProjectionSpec,

@@ -49,12 +49,13 @@ class FitEmbeddingConfig:
     """Train on this cleaned view's labels (see ``audit-labels --apply``)."""
     labels: tuple[str, ...] | None = None
     """Train on these classes only; every class is projected (the others are unseen)."""
-    hidden: tuple[int, ...] = (512,)
+    hidden: tuple[int, ...] = ()
     """Hidden layer widths; ``()`` for a linear projection."""
     p: int = 16
     """Classes per batch."""
     k: int = 4
     """Images per class per batch."""
+    learning_rate: float = 1e-4
     seed: int = 0
     calibration_splits: tuple[str, ...] = field(default=("val", "test"))
     """The first of these splits with same- and different-class pairs calibrates the verifier."""
@@ -87,7 +88,7 @@ def run_fit_embedding(config: FitEmbeddingConfig,
              "view": view.name if view else None, "view_digest": view.digest if view else None}
     spec = ProjectionSpec(dim=config.dim, hidden=config.hidden, loss=config.loss,
                           mining=config.mining, epochs=config.epochs, p=config.p, k=config.k,
-                          seed=config.seed, extra=extra)
+                          learning_rate=config.learning_rate, seed=config.seed, extra=extra)
     for lineage in derived_tables_of(store, parent):
         if lineage.derived["projection"] == spec.to_dict() and \
                 table_projection(store.table_dir(lineage)).is_file():
