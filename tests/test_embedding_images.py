@@ -14,7 +14,7 @@ from tests.test_predict import _rescan
 
 @pytest.fixture(scope="module")
 def derived(tmp_path_factory):
-    """Digits 0, 1 and 2 (8 images each) extracted at 32 px, an embedding and a head on it."""
+    """Digits 0, 1 and 2 (12 images each) extracted at 32 px, an embedding and a head on it."""
     from pipelines.demo.data import write_digits_dataset
     from pipelines.extract.run import ExtractConfig, run_extract
 
@@ -24,7 +24,7 @@ def derived(tmp_path_factory):
         if folder.name not in ("0", "1", "2"):
             shutil.rmtree(folder)
         else:
-            for path in sorted(folder.glob("*.png"))[8:]:
+            for path in sorted(folder.glob("*.png"))[12:]:
                 path.unlink()
     store = Store(root / "store")
     run_extract(ExtractConfig(dataset=dataset, store=store.root, pool="avg", weights="none",

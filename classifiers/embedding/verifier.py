@@ -31,9 +31,9 @@ def sample_pairs(labels, groups, *, n_pairs: int = 20000, seed: int = 0):
     same = labels[i] == labels[j]
     if not same.any() or same.all():
         raise ClassifierError(
-            f"Cannot calibrate a verifier: the {len(labels)} validation rows give "
-            f"{int(same.sum())} same-class and {int((~same).sum())} different-class pairs; "
-            f"both are needed (at least 2 images of one class and 2 classes).")
+            f"cannot calibrate a verifier: its {len(labels)} rows give {int(same.sum())} "
+            f"same-class and {int((~same).sum())} different-class pairs; both are needed "
+            f"(at least 2 images of one class, and 2 classes)")
     half = n_pairs // 2
     pos = rng.permutation(np.flatnonzero(same))[:half]
     neg = rng.permutation(np.flatnonzero(~same))[:max(half, n_pairs - len(pos))]

@@ -57,8 +57,9 @@ class FitEmbeddingConfig:
     """Images per class per batch."""
     learning_rate: float = 1e-4
     seed: int = 0
-    calibration_splits: tuple[str, ...] = field(default=("val", "test"))
-    """The first of these splits with same- and different-class pairs calibrates the verifier."""
+    calibration_splits: tuple = field(default=("val", "test", ("val", "test")))
+    """The first of these splits (or sets of splits) with same- and different-class pairs
+    calibrates the verifier; never ``train``, whose rows the projection learned from."""
 
 
 @dataclass
@@ -149,14 +150,18 @@ def calibrate(store: Store, lineage: Lineage, splits) -> dict:
                 i, j, same = sample_pairs(y, groups, seed=0)
                 verifier = PairVerifier.fit(pair_distances(X[i], X[j]), same)
             except ClassifierError as err:
-                problems.append(f"{split}: {err}")
+                problems.append(f"{_split_name(split)}: {err}")
                 continue
-            record = {**verifier.to_dict(), "split": split}
+            record = {**verifier.to_dict(), "split": _split_name(split)}
             atomic_write_text(table_verifier(store.table_dir(lineage)),
                               json.dumps(record, indent=2))
             return record
     raise FeatureStoreError(f"No split to calibrate the verifier of {lineage.key} on "
                             f"(the table is written; verify needs it): {'; '.join(problems)}")
+
+
+def _split_name(split) -> str:
+    return split if isinstance(split, str) else "+".join(split)
 
 
 @click.command("fit-embedding")
