@@ -34,7 +34,7 @@ DEFAULT_PRECISION = "float32"
 DEFAULT_RUNTIME = "keras"
 #: Fields left out of the hashed form while they hold these values: tables written
 #: before the field existed computed exactly that, and keep their keys.
-_HASHED_UNLESS = {"precision": DEFAULT_PRECISION, "runtime": DEFAULT_RUNTIME, "derived": None}
+_HASHED_UNLESS = {"precision": DEFAULT_PRECISION, "runtime": DEFAULT_RUNTIME}
 #: What a derived table's ``derived`` field must hold (see :func:`derived_spec`).
 DERIVED_FIELDS = ("parent_key", "projection", "weights_sha256")
 #: Where tables written before ``precision`` was a field recorded a non-float32 one.
@@ -120,12 +120,14 @@ class Lineage:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (``input_size`` as a list); what lineage.json holds.
 
-        ``max_pixels`` appears only when set.
+        ``max_pixels`` and ``derived`` appear only when set (so neither changes the
+        key, nor the lineage.json, of a table computed from images).
         """
         d = dataclasses.asdict(self)
         d["input_size"] = list(self.input_size)
-        if d["max_pixels"] is None:
-            del d["max_pixels"]
+        for name in ("max_pixels", "derived"):
+            if d[name] is None:
+                del d[name]
         return d
 
     def to_json(self) -> str:
@@ -190,7 +192,8 @@ class Lineage:
 
     @property
     def key(self) -> str:
-        """Readable, unique table key: ``<backbone>-<pool>-<size>-<12 hex of sha256>``."""
+        """Readable, unique table key: ``<backbone>-<pool>-<size>-<12 hex of sha256>``; a
+        derived table's has ``-emb<dim>`` after the size."""
         digest = hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
         h, w = self.input_size
         size = str(h) if h == w else f"{h}x{w}"
@@ -228,7 +231,7 @@ class Lineage:
         a, b = self.to_dict(), other.to_dict()
         a.pop("max_pixels", None)
         b.pop("max_pixels", None)
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        return {k: (a.get(k), b.get(k)) for k in {**a, **b} if a.get(k) != b.get(k)}
 
 
 def parse_query(query: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -267,7 +270,7 @@ def parse_query(query: str | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _parse_name(text: str) -> dict[str, str]:
-    """``backbone/pool[/input_size][+preset][@precision]`` -> query fields."""
+    """``backbone/pool[/input_size][+preset][+emb<dim>][@precision]`` -> query fields."""
     rest, at, precision = text.partition("@")
     rest, *extras = rest.split("+")
     embedding = [e for e in extras if _EMBEDDING.fullmatch(e)]

@@ -219,3 +219,23 @@ def test_extend_derived_projects_only_new_parent_rows_and_rerun_resumes(fitted):
     again = run_fit_embedding(FitEmbeddingConfig(store=store.root, table="densenet121/avg",
                                                  **FIT), echo=lambda _: None)
     assert again.resumed and again.rows_added == 0 and again.lineage == result.lineage
+
+
+def test_derived_lineage_keeps_image_tables_as_they_were_and_parses_its_name():
+    from featurestore.lineage import Lineage, derived_spec, parse_query
+
+    parent = make_lineage(pool="avg", augmentation={"preset": "mild", "views": 1, "seed": 0})
+    child = derived_spec(parent, {"dim": 128, "loss": "triplet"}, "ab" * 32)
+    assert "derived" not in parent.to_dict() and "derived" not in parent.to_json()
+    assert child.key.startswith("densenet121-avg-32-emb128-") and child.key != parent.key
+    assert child.name == "densenet121/avg/32+mild+emb128"
+    assert parse_query(child.name) == {"backbone": "densenet121", "pool": "avg",
+                                       "input_size": "32", "augmentation": "mild",
+                                       "embedding": "emb128"}
+    assert child.matches(parse_query(child.name)) and not parent.matches(parse_query(child.name))
+    assert not child.matches(parse_query(parent.name))  # the parent's name stays the parent's
+    assert Lineage.from_json(child.to_json()) == child and set(parent.diff(child)) == {"derived"}
+    with pytest.raises(FeatureStoreError, match="itself derived"):
+        derived_spec(child, {"dim": 8}, "cd" * 32)
+    with pytest.raises(FeatureStoreError, match="'derived' must hold"):
+        Lineage(**{**parent.to_dict(), "derived": {"parent_key": parent.key}})
