@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from featurestore.errors import FeatureStoreError
 
 #: Fields a lineage query may name, and the shorthand order of "a/b/c" queries.
 QUERY_FIELDS = ("backbone", "pool", "input_size", "weights", "weights_sha256",
-                "preprocessing", "augmentation", "precision", "runtime", "key")
+                "preprocessing", "augmentation", "precision", "runtime", "embedding", "key")
 _POSITIONAL = ("backbone", "pool", "input_size")
 
 #: The one spelling of "this table has no augmented views" (``augmentation=none``).
@@ -34,6 +35,8 @@ DEFAULT_RUNTIME = "keras"
 #: Fields left out of the hashed form while they hold these values: tables written
 #: before the field existed computed exactly that, and keep their keys.
 _HASHED_UNLESS = {"precision": DEFAULT_PRECISION, "runtime": DEFAULT_RUNTIME}
+#: What a derived table's ``derived`` field must hold (see :func:`derived_spec`).
+DERIVED_FIELDS = ("parent_key", "projection", "weights_sha256")
 #: Where tables written before ``precision`` was a field recorded a non-float32 one.
 _OLD_PRECISION_KEY = "compute_dtype"
 
@@ -72,6 +75,10 @@ class Lineage:
     which is read as the precision (and, being hashed already, keeps their key)."""
     runtime: str = DEFAULT_RUNTIME
     """What ran the backbone: ``keras`` (the Keras backend's graph), or another runtime."""
+    derived: Mapping[str, Any] | None = None
+    """For a table computed from another table's rows (a learned embedding): the parent
+    table's key, the projection's spec (``dim`` among it) and the SHA-256 of its weights.
+    ``None`` for a table computed from images. The other fields are the parent's."""
     max_pixels: int | None = field(default=None, compare=False)
     """Largest image (in pixels) the run that created the table decoded; ``None``: the
     default. A limit on which files are read, not on their features: never hashed,
@@ -95,6 +102,8 @@ class Lineage:
         object.__setattr__(self, "library_versions",
                            {str(k): str(v) for k, v in dict(self.library_versions).items()})
         self._adopt_old_precision()
+        if self.derived is not None:
+            object.__setattr__(self, "derived", _check_derived(self.derived))
         if self.max_pixels is not None:
             object.__setattr__(self, "max_pixels", int(self.max_pixels))
 
@@ -111,12 +120,14 @@ class Lineage:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (``input_size`` as a list); what lineage.json holds.
 
-        ``max_pixels`` appears only when set.
+        ``max_pixels`` and ``derived`` appear only when set (so neither changes the
+        key, nor the lineage.json, of a table computed from images).
         """
         d = dataclasses.asdict(self)
         d["input_size"] = list(self.input_size)
-        if d["max_pixels"] is None:
-            del d["max_pixels"]
+        for name in ("max_pixels", "derived"):
+            if d[name] is None:
+                del d[name]
         return d
 
     def to_json(self) -> str:
@@ -168,20 +179,36 @@ class Lineage:
         name = f"{self.backbone}/{self.pool}/{h if h == w else f'{h}x{w}'}"
         if self.augmentation:
             name += f"+{self.augmentation_preset}"
+        if self.derived:
+            name += f"+{self.embedding}"
         if self.precision != DEFAULT_PRECISION:
             name += f"@{self.precision}"
         return name
 
     @property
+    def embedding(self) -> str:
+        """``emb<dim>`` for a derived (embedding) table, else ``none``."""
+        return f"emb{self.derived['projection']['dim']}" if self.derived else NO_AUGMENTATION
+
+    @property
     def key(self) -> str:
-        """Readable, unique table key: ``<backbone>-<pool>-<size>-<12 hex of sha256>``."""
+        """Readable, unique table key: ``<backbone>-<pool>-<size>-<12 hex of sha256>``; a
+        derived table's has ``-emb<dim>`` after the size."""
         digest = hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
         h, w = self.input_size
         size = str(h) if h == w else f"{h}x{w}"
+        if self.derived:
+            size += f"-{self.embedding}"
         return f"{self.backbone}-{self.pool}-{size}-{digest}"
 
     def matches(self, query: Mapping[str, Any]) -> bool:
-        """Whether every field named in ``query`` (see :func:`parse_query`) has that value."""
+        """Whether every field named in ``query`` (see :func:`parse_query`) has that value.
+
+        A derived table matches only queries that name it (``embedding=...`` or its key),
+        so adding an embedding never makes its parent's name ambiguous.
+        """
+        if self.derived and not {"embedding", "key"} & set(query):
+            return False
         for name, wanted in query.items():
             if name == "key":
                 if not self.key.startswith(str(wanted)):
@@ -192,6 +219,9 @@ class Lineage:
             elif name == "augmentation":
                 if str(wanted) not in (self.augmentation_preset, "any"):
                     return False
+            elif name == "embedding":
+                if str(wanted) not in (self.embedding, "any"):
+                    return False
             elif str(getattr(self, name)) != str(wanted):
                 return False
         return True
@@ -201,7 +231,7 @@ class Lineage:
         a, b = self.to_dict(), other.to_dict()
         a.pop("max_pixels", None)
         b.pop("max_pixels", None)
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        return {k: (a.get(k), b.get(k)) for k in {**a, **b} if a.get(k) != b.get(k)}
 
 
 def parse_query(query: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -240,21 +270,54 @@ def parse_query(query: str | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _parse_name(text: str) -> dict[str, str]:
-    """``backbone/pool[/input_size][+preset][@precision]`` -> query fields."""
+    """``backbone/pool[/input_size][+preset][+emb<dim>][@precision]`` -> query fields."""
     rest, at, precision = text.partition("@")
-    rest, plus, preset = rest.partition("+")
+    rest, *extras = rest.split("+")
+    embedding = [e for e in extras if _EMBEDDING.fullmatch(e)]
+    extras = [e for e in extras if not _EMBEDDING.fullmatch(e)]
+    plus, preset = bool(extras), "+".join(extras)
     values = rest.split("/")
     if len(values) > len(_POSITIONAL) or not all(values) or (at and not precision) \
             or (plus and not preset):
         raise FeatureStoreError(
             f"Cannot parse table query {text!r}; expected "
-            f"backbone/pool[/input_size][+augmentation][@precision].")
+            f"backbone/pool[/input_size][+augmentation][+emb<dim>][@precision].")
     items = dict(zip(_POSITIONAL, values))
+    if embedding:
+        items["embedding"] = embedding[-1]
     if plus:
         items["augmentation"] = preset
     if at:
         items["precision"] = precision
     return items
+
+
+_EMBEDDING = re.compile(r"emb\d+")
+
+
+def derived_spec(parent: Lineage, projection: Mapping[str, Any], weights_sha256: str) -> Lineage:
+    """The lineage of the table of ``parent``'s rows mapped by a projection.
+
+    ``projection`` is JSON-ready and names its output width as ``dim``;
+    ``weights_sha256`` is that of the projection's saved weights. Derived tables
+    are not derived again: the parent must be computed from images.
+    """
+    if parent.derived:
+        raise FeatureStoreError(f"Table {parent.key} is itself derived (from "
+                                f"{parent.derived['parent_key']}); derive from an image table.")
+    derived = {"parent_key": parent.key, "projection": dict(projection),
+               "weights_sha256": weights_sha256}
+    return dataclasses.replace(parent, derived=derived)
+
+
+def _check_derived(derived: Mapping[str, Any]) -> dict[str, Any]:
+    derived = dict(derived)
+    dim = dict(derived.get("projection") or {}).get("dim")
+    if sorted(derived) != sorted(DERIVED_FIELDS) or not isinstance(dim, int) or dim < 1:
+        raise FeatureStoreError(
+            f"Lineage field 'derived' must hold {', '.join(DERIVED_FIELDS)} with an integer "
+            f"projection dim; got {derived!r}.")
+    return derived
 
 
 def _parse_size(value: Any) -> tuple[int, int]:

@@ -11,6 +11,7 @@
         pending/<writer>/          part writers (shards) not yet committed
         index/<metric>/            similarity index of the table
         near_duplicates.parquet    pairs found by near-duplicates
+        projection.keras           derived (embedding) tables: the projection, verifier.json
       models/<key>/<head>[@<view>]/  fitted heads: model.json, model file, oof.parquet, heldout.parquet
       leaderboard.parquet          every head on every table (and view), compared
       optuna.sqlite                the searches (resumable)
@@ -47,6 +48,8 @@ LINEAGE_FILE = "lineage.json"
 PENDING_DIR = "pending"
 INDEX_DIR = "index"
 NEAR_DUPLICATES_FILE = "near_duplicates.parquet"
+PROJECTION_FILE = "projection.keras"
+VERIFIER_FILE = "verifier.json"
 
 #: Top-level entries of a store, as the README's diagram names them.
 LAYOUT = (MANIFEST_FILE, TABLES_DIR, MODELS_DIR, LEADERBOARD_FILE, OPTUNA_FILE, VIEWS_FILE,
@@ -131,3 +134,13 @@ def table_pending(table_dir: Path) -> Path:
 
 def table_near_duplicates(table_dir: Path) -> Path:
     return Path(table_dir) / NEAR_DUPLICATES_FILE
+
+
+def table_projection(table_dir: Path) -> Path:
+    """The Keras projection of a derived table (its SHA-256 is in the lineage)."""
+    return Path(table_dir) / PROJECTION_FILE
+
+
+def table_verifier(table_dir: Path) -> Path:
+    """A derived table's pair verifier: the calibrated distance-to-probability map."""
+    return Path(table_dir) / VERIFIER_FILE

@@ -20,6 +20,8 @@ def _register():
     from pipelines import scan, tables
     from pipelines.audit import run as audit_labels
     from pipelines.demo import run as demo
+    from pipelines.embedding import run as fit_embedding
+    from pipelines.embedding import verify
     from pipelines.extract import run as extract
     from pipelines.heads import fit as fit_heads
     from pipelines.heads import predict
@@ -28,7 +30,7 @@ def _register():
     from pipelines.similar import index, near_duplicates, search
 
     for module in (demo, scan, extract, fit_heads, audit_labels, tables, index, search,
-                   eval_search, near_duplicates, predict, report):
+                   eval_search, near_duplicates, predict, report, fit_embedding, verify):
         # Every command: a full disk or a dead worker is one line, not a traceback.
         module.command.callback = one_line_failures(module.command.callback)
         main.add_command(module.command)

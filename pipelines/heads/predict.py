@@ -324,6 +324,7 @@ def _extract(store: Store, model: SavedModel, settings, todo: dict[str, Path],
     Every batch is committed to the cache as one part before the next is
     computed, so a killed run loses at most the batch in flight.
     """
+    from pipelines.embedding.derived import projector_of
     from pipelines.extract.featurize import iter_feature_batches
 
     workers = config.workers or (
@@ -333,10 +334,12 @@ def _extract(store: Store, model: SavedModel, settings, todo: dict[str, Path],
     bar = tqdm(total=len(todo), unit="img", disable=not config.progress,
                desc=f"predict {model.lineage.backbone}")
     cache = Store(store.paths.cache)
+    project = projector_of(store, model.lineage)
     with bar, cache.writer(model.lineage, rows_per_part=config.batch_size) as writer:
         files = ((path, image_id) for image_id, path in todo.items())
         for batch in iter_feature_batches(files, model.lineage, settings, workers=workers):
             if batch.image_ids:
+                batch.X = project(batch.X)  # a derived table's rows are projected features
                 proba = model.predict_proba(batch.X)
                 scores.update((i, (p, "extracted")) for i, p in zip(batch.image_ids, proba))
                 _cache(writer, batch)

@@ -66,9 +66,10 @@ def query_vector(reader: TableReader, query: str, codes: dict[str, int], *,
     if path.is_file():
         image_id = hash_file(path)
         if image_id not in codes:
-            from pipelines.extract.featurize import featurize_files  # imports the backbone code
+            from pipelines.embedding.derived import featurize_for  # imports the backbone code
 
-            X, _, errors = featurize_files([path], reader.lineage, weights_path=weights)
+            X, _, errors = featurize_for(reader.table_dir, reader.lineage, [path],
+                                         weights_path=weights)
             if errors:
                 raise FeatureStoreError(f"Cannot read query image {errors[0][0]}: {errors[0][1]}")
             return X[0], -1
