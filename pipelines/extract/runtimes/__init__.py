@@ -69,7 +69,9 @@ def default_runtime(backbone: str, precision: str) -> str:
 
 
 def usable_runtime(name: str, backbone: str, precision: str) -> str:
-    """``name`` if it runs here, else the default: the runtimes are interchangeable
-    (see :data:`TOLERANCE`), so a table's recorded runtime is a preference, not a need."""
-    return name if why_not(name, backbone, precision) is None else \
-        default_runtime(backbone, precision)
+    """``name`` if it runs here and ``$FEATURESTORE_RUNTIME`` is unset, else the default: the
+    runtimes are interchangeable (see :data:`TOLERANCE`), so a table's recorded runtime
+    is a preference, not a need."""
+    if os.environ.get(RUNTIME_ENV) or why_not(name, backbone, precision) is not None:
+        return default_runtime(backbone, precision)
+    return name
