@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/bench_extract.py [all|compare|steady|matmul|bf16|rss] [--images N]
+    python benchmarks/bench_extract.py [all|compare|steady|matmul|bf16|rss|runtimes|zoo]
+                                       [--images N]
 
 Sections (``all`` runs each once, in this order; a few minutes on 2 cores):
 
@@ -24,6 +25,15 @@ bf16
     float32 against bfloat16 compute: speed, feature drift, and whether a
     logistic-regression head trained on float32 features scores the same on
     bfloat16 ones.
+runtimes
+    ``--runtime keras`` against ``--runtime openvino`` end to end on one folder
+    at 224 px (process start, conversion or cache load, decode included), the
+    seed-style baseline against openvino, openvino's steady speed over fresh
+    runs, its share of the oneDNN float32 matmul peak (an OpenVINO MatMul, the
+    kernels the runtime uses), and the features' max relative L2 to keras'.
+zoo
+    Every registered backbone at a small input: openvino's features against
+    keras' (max relative L2; the runtimes share tables only within 1e-5).
 rss
     Resident memory (parent plus workers) sampled while 1,000 and then 5,000
     small images are extracted; flat means the peak does not grow with N.
@@ -131,8 +141,29 @@ def case_features(store: str, pool: str = "avg") -> dict:
     return {"path": str(path)}
 
 
+def case_ov_matmul(n: int = 2048, reps: int = 20, threads: int = 0) -> dict:
+    """float32 matmul throughput of OpenVINO's CPU plugin (oneDNN), as the runtime compiles it."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    a = ops.parameter([n, n], np.float32)
+    b = ops.constant(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(ov.Model([ops.matmul(a, b, False, False)], [a]), "CPU",
+                                       config)
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    request.infer({0: x})
+    start = time.perf_counter()
+    for _ in range(reps):
+        request.infer({0: x})
+    return {"gflops": 2 * n**3 * reps / (time.perf_counter() - start) / 1e9}
+
+
 CASES = {"baseline": case_keras_baseline, "extract": case_extract, "matmul": case_matmul,
-         "features": case_features}
+         "features": case_features, "ov_matmul": case_ov_matmul}
 
 
 def run_case(name: str, *, sample_rss: bool = False, **kwargs) -> dict:
@@ -261,6 +292,72 @@ def section_bf16(work: Path, n_images: int) -> None:
           f"features; predictions agree on {agree:.1%}")
 
 
+def max_relative_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max())
+
+
+def section_runtimes(work: Path, n_images: int, runs: int) -> None:
+    import shutil
+
+    folder = make_scans(work / "runtimes", n_images)
+    print(f"\n== runtimes: {n_images} generated 2048x2048 JPEG scans, DenseNet121 at 224, "
+          f"pool both ({load()})")
+    res, feats = {}, {}
+    for name, runtime in (("keras", "keras"), ("openvino (converts)", "openvino"),
+                          ("openvino (cache)", "openvino")):
+        store = work / f"rt-{len(res)}"
+        if name == "openvino (cache)":
+            shutil.copytree(work / "rt-1" / "cache", store / "cache")
+        res[name] = run_case("extract", folder=str(folder), store=str(store), pool="both",
+                             runtime=runtime)
+        with np.load(run_case("features", store=str(store))["path"]) as data:
+            feats[name] = data["X"]
+        r = res[name]
+        print(f"  {name:20s}: {r['wall']:.1f} s end to end, {r['images'] / r['compute_seconds']:.1f}"
+              f" img/s once built, {r['workers']} worker(s) ({load()})")
+    keras_s = res["keras"]["wall"]
+    print(f"  openvino vs keras end to end: {keras_s / res['openvino (converts)']['wall']:.2f}x "
+          f"converting, {keras_s / res['openvino (cache)']['wall']:.2f}x from the cache "
+          f"(target >= 1.4x)")
+    print(f"  features: max relative L2 openvino vs keras "
+          f"{max_relative_l2(feats['openvino (cache)'], feats['keras']):.2e} (tolerance 1e-5)")
+    base = sum(run_case("baseline", folder=str(folder), pool=p)["wall"] for p in ("max", "avg"))
+    print(f"  seed-style Keras (predict once per pooling): {base:.1f} s; openvino from the cache "
+          f"is {base / res['openvino (cache)']['wall']:.2f}x faster (target >= 2.8x)")
+    rates = []
+    for r in range(runs):
+        store = work / f"rt-steady-{r}"
+        shutil.copytree(work / "rt-1" / "cache", store / "cache")
+        out = run_case("extract", folder=str(folder), store=str(store), pool="both",
+                       runtime="openvino")
+        rates.append(out["images"] / out["compute_seconds"])
+    arr = np.array(rates)
+    peak = max(run_case("ov_matmul")["gflops"] for _ in range(3))
+    print(f"  openvino steady over {runs} fresh runs: " + ", ".join(f"{v:.1f}" for v in arr) +
+          f" img/s, min/max {arr.min() / arr.max():.2f} (target >= 0.9) ({load()})")
+    print(f"  oneDNN float32 matmul peak (OpenVINO MatMul 2048^2, best of 3): {peak:.0f} GFLOP/s;"
+          f" extraction reaches {arr.mean() * DENSENET121_GFLOPS:.0f} GFLOP/s = "
+          f"{arr.mean() * DENSENET121_GFLOPS / peak:.0%} (target >= 60%)")
+
+
+def section_zoo(work: Path) -> None:
+    from pipelines.backbones.registry import get_spec, list_backbones
+
+    folder = make_scans(work / "zoo", 16, size=256)
+    print(f"\n== zoo: openvino vs keras features of every backbone, 16 images ({load()})")
+    for backbone in list_backbones():
+        size = max(64, get_spec(backbone).min_input_size)
+        feats = {}
+        for runtime in ("keras", "openvino"):
+            store = work / f"zoo-{backbone}-{runtime}"
+            run_case("extract", folder=str(folder), store=str(store), pool="avg",
+                     backbone=backbone, image_size=size, runtime=runtime)
+            with np.load(run_case("features", store=str(store))["path"]) as data:
+                feats[runtime] = data["X"]
+        print(f"  {backbone:15s} at {size:3d}: max relative L2 "
+              f"{max_relative_l2(feats['openvino'], feats['keras']):.2e}")
+
+
 def section_rss(work: Path) -> None:
     print(f"\n== rss: parent + workers while extracting small images ({load()})")
     for n in (1000, 5000):
@@ -279,7 +376,8 @@ def section_rss(work: Path) -> None:
 
 @click.command()
 @click.argument("section", default="all",
-                type=click.Choice(["all", "compare", "steady", "matmul", "bf16", "rss"]))
+                type=click.Choice(["all", "compare", "steady", "matmul", "bf16", "rss",
+                                   "runtimes", "zoo"]))
 @click.option("--images", default=200, show_default=True, help="Images for compare.")
 @click.option("--runs", default=4, show_default=True, help="Runs per mode for steady.")
 @click.option("--workdir", type=click.Path(), default=None, help="Keep generated data here.")
@@ -299,6 +397,10 @@ def main(section, images, runs, workdir):
             section_bf16(work, 128)
         if section in ("all", "rss"):
             section_rss(work)
+        if section in ("all", "runtimes"):
+            section_runtimes(work, images, 5)
+        if section in ("all", "zoo"):
+            section_zoo(work)
 
 
 if __name__ == "__main__":

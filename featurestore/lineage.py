@@ -1,12 +1,14 @@
 """Lineage: the recipe that computed a feature table, and the key derived from it.
 
 Two tables computed differently (another backbone, weights file, pooling, input
-size, preprocessing, augmentation, precision, runtime or library version) always
+size, preprocessing, augmentation, precision or library version) always
 get different keys, so their rows can never land in one table.
 
 The key hashes :meth:`Lineage.to_json`, which leaves out fields that still hold
-the value every table had before the field existed (``precision="float32"``,
-``runtime="keras"``), so adding a field never renames an existing table.
+the value every table had before the field existed (``precision="float32"``),
+so adding a field never renames an existing table. ``runtime`` is recorded but
+never hashed nor compared: the runtimes compute the same float32 features
+(within ``pipelines.extract.runtimes.TOLERANCE``), so either may extend a table.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ DEFAULT_PRECISION = "float32"
 DEFAULT_RUNTIME = "keras"
 #: Fields left out of the hashed form while they hold these values: tables written
 #: before the field existed computed exactly that, and keep their keys.
-_HASHED_UNLESS = {"precision": DEFAULT_PRECISION, "runtime": DEFAULT_RUNTIME}
+_HASHED_UNLESS = {"precision": DEFAULT_PRECISION}
+#: Recorded in lineage.json, never hashed nor compared.
+_UNHASHED = ("max_pixels", "runtime")
 #: What a derived table's ``derived`` field must hold (see :func:`derived_spec`).
 DERIVED_FIELDS = ("parent_key", "projection", "weights_sha256")
 #: Where tables written before ``precision`` was a field recorded a non-float32 one.
@@ -73,8 +77,10 @@ class Lineage:
     """Compute precision of the backbone: ``float32`` or ``bfloat16``. Tables written
     before this field existed record a non-float32 one as ``library_versions["compute_dtype"]``,
     which is read as the precision (and, being hashed already, keeps their key)."""
-    runtime: str = DEFAULT_RUNTIME
-    """What ran the backbone: ``keras`` (the Keras backend's graph), or another runtime."""
+    runtime: str = field(default=DEFAULT_RUNTIME, compare=False)
+    """What ran the backbone when the table was created: ``keras`` (the Keras backend's
+    graph) or ``openvino``. Never hashed nor compared: the runtimes' float32 features
+    agree within 1e-5 relative L2, so a table may be extended by either."""
     derived: Mapping[str, Any] | None = None
     """For a table computed from another table's rows (a learned embedding): the parent
     table's key, the projection's spec (``dim`` among it) and the SHA-256 of its weights.
@@ -133,12 +139,13 @@ class Lineage:
     def to_json(self) -> str:
         """Canonical JSON of the hashed fields: sorted keys, no whitespace.
 
-        Left out: ``max_pixels``, and ``precision``/``runtime`` while they hold
-        their defaults (or, for precision, while ``library_versions`` records
-        it), so that a table's key is the one it had before these were fields.
+        Left out: ``max_pixels`` and ``runtime``, and ``precision`` while it holds
+        its default (or while ``library_versions`` records it), so that a table's
+        key is the one it had before these were fields.
         """
         d = self.to_dict()
-        d.pop("max_pixels", None)
+        for name in _UNHASHED:
+            d.pop(name, None)
         for name, default in _HASHED_UNLESS.items():
             if d[name] == default:
                 del d[name]
@@ -229,8 +236,9 @@ class Lineage:
     def diff(self, other: Lineage) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ, as ``{field: (self_value, other_value)}``."""
         a, b = self.to_dict(), other.to_dict()
-        a.pop("max_pixels", None)
-        b.pop("max_pixels", None)
+        for name in _UNHASHED:
+            a.pop(name, None)
+            b.pop(name, None)
         return {k: (a.get(k), b.get(k)) for k in {**a, **b} if a.get(k) != b.get(k)}
 
 

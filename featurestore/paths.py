@@ -18,6 +18,7 @@
       views.sqlite                 cleaned views: label decisions with who/when/why
       audits/<key>/<run>/          label-audit suspects and their gallery
       cache/tables/<key>/          features of images scored by predict, by content hash
+      cache/openvino/<model>/      backbones converted for the openvino runtime, hash-checked
       extract_errors.sqlite        files that could not be extracted, and why
       search_eval.parquet          precision@k of every eval-search run
       report/index.html            the static HTML report
@@ -42,6 +43,7 @@ CACHE_DIR = "cache"
 EXTRACT_ERRORS_FILE = "extract_errors.sqlite"
 SEARCH_EVAL_FILE = "search_eval.parquet"
 REPORT_DIR = "report"
+OPENVINO_CACHE_DIR = "openvino"  # inside CACHE_DIR
 
 # Inside a table folder.
 LINEAGE_FILE = "lineage.json"
@@ -114,6 +116,11 @@ class StorePaths:
     def cache_tables(self) -> Path:
         """Root of the predict cache: a table folder per lineage, like ``tables/``."""
         return self.cache / TABLES_DIR
+
+    @property
+    def openvino_cache(self) -> Path:
+        """Converted models of the openvino runtime, one checked folder per recipe."""
+        return self.cache / OPENVINO_CACHE_DIR
 
     @property
     def extract_errors(self) -> Path:

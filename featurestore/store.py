@@ -125,7 +125,7 @@ class Store:
 
     def writer(self, lineage: Lineage, *, formats=("hdf5",), shard: str | None = None,
                writer_id: str | None = None, rows_per_part: int = 4096,
-               consolidate: bool = True) -> TableWriter:
+               consolidate: bool = True, commit_seconds: float | None = None) -> TableWriter:
         """A :class:`TableWriter` for ``lineage``'s table (created if new).
 
         ``shard="K/N"`` (or any ``writer_id``) makes a part writer whose rows
@@ -135,7 +135,8 @@ class Store:
             k, n = parse_shard(shard)
             writer_id = writer_id or f"shard-{k}-of-{n}"
         return TableWriter(self.table_dir(lineage), lineage, formats, writer_id=writer_id,
-                           rows_per_part=rows_per_part, consolidate=consolidate)
+                           rows_per_part=rows_per_part, consolidate=consolidate,
+                           commit_seconds=commit_seconds)
 
     def commit(self, query: TableQuery) -> dict:
         """Merge finished part writers' rows into the table (see ``commit_pending``)."""

@@ -17,6 +17,7 @@ writer, which copies the part into the format that misses it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,11 +59,15 @@ class TableWriter:
         ``rows_per_part * n_features * 4`` bytes.
     consolidate : bool
         Fold HDF5 parts into the single ``features.h5`` on close.
+    commit_seconds : float or None
+        Also commit the buffer at an append once its oldest row has waited this
+        long, so a slow writer killed early keeps its work; None: by rows only.
     """
 
     def __init__(self, table_dir: Path, lineage: Lineage,
                  formats: Sequence[str] = (DEFAULT_FORMAT,), *, writer_id: str | None = None,
-                 rows_per_part: int = 4096, consolidate: bool = True):
+                 rows_per_part: int = 4096, consolidate: bool = True,
+                 commit_seconds: float | None = None):
         if not formats:
             raise FeatureStoreError(f"formats must name at least one of {', '.join(FORMATS)}.")
         for name in formats:
@@ -76,6 +81,8 @@ class TableWriter:
         self.writer_id = writer_id
         self.rows_per_part = rows_per_part
         self.consolidate = consolidate
+        self.commit_seconds = commit_seconds
+        self._buffered_since = 0.0
         self._requested = list(dict.fromkeys(formats))
         self._buffer: list[Rows] = []
         self._buffered = 0
@@ -186,10 +193,15 @@ class TableWriter:
                 f"Rows {dupes} are already in table {self.lineage.key} (one row per "
                 f"(image_id, aug_id)); skip keys in existing_keys() before appending.")
         self._keys |= new
+        if not self._buffered:
+            self._buffered_since = time.monotonic()
         self._buffer.append(rows)
         self._buffered += len(rows)
         while self._buffered >= self.rows_per_part:
             self._commit_part(self.rows_per_part)
+        if self._buffered and self.commit_seconds is not None and \
+                time.monotonic() - self._buffered_since >= self.commit_seconds:
+            self._commit_part(self._buffered)
 
     def flush(self) -> None:
         """Commit every buffered row now (as one part)."""
@@ -216,6 +228,7 @@ class TableWriter:
         self.parts_written += 1
         self.rows_written += len(part)
         self._buffered -= n
+        self._buffered_since = time.monotonic()  # what is left waits from now
 
     def _check_open(self) -> None:
         if self._lock is None:

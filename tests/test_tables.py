@@ -418,3 +418,16 @@ def test_kill_9_during_consolidation_loses_nothing(store):
             X, _, _, groups = reader.to_numpy()
         assert len(groups) == 20000 and len(set(groups)) == 20000
         np.testing.assert_array_equal(X[:, 0], np.arange(20000))
+
+
+def test_a_part_is_committed_when_its_oldest_row_has_waited_commit_seconds(store):
+    lin = make_lineage()
+    with store.writer(lin, rows_per_part=1000, commit_seconds=0.2) as w:
+        w.append(**make_rows(3))
+        assert w.parts_written == 0  # neither 1000 rows nor 0.2 s yet
+        time.sleep(0.25)
+        w.append(**make_rows(2, start=3))
+        assert (w.parts_written, w.rows_written) == (1, 5)
+        assert len(store.open(lin)) == 5  # committed: readable while the writer is open
+        w.append(**make_rows(1, start=5))
+        assert w.parts_written == 1  # the clock restarted at the commit

@@ -96,7 +96,8 @@ def extend_derived(store: str | Store, derived_key: str,
     return project_into(store, lineage, load_projection(store, lineage), echo)
 
 
-def featurize_for(table_dir: Path, lineage: Lineage, paths, *, weights_path: str | None = None):
+def featurize_for(table_dir: Path, lineage: Lineage, paths, *, weights_path: str | None = None,
+                  cache_dir: Path | None = None):
     """``(X, image_ids, errors)`` of new image files in table ``lineage``'s feature space.
 
     The parent's recipe extracts them (see ``featurize_files``); for a derived
@@ -105,10 +106,11 @@ def featurize_for(table_dir: Path, lineage: Lineage, paths, *, weights_path: str
     from pipelines.extract.featurize import featurize_files
 
     if not lineage.derived:
-        return featurize_files(paths, lineage, weights_path=weights_path)
+        return featurize_files(paths, lineage, weights_path=weights_path, cache_dir=cache_dir)
     from classifiers.embedding.projection import project
 
-    X, ids, errors = featurize_files(paths, parent_of(lineage), weights_path=weights_path)
+    X, ids, errors = featurize_files(paths, parent_of(lineage), weights_path=weights_path,
+                                     cache_dir=cache_dir)
     return project(load_projection_of(table_dir, lineage), X), ids, errors
 
 

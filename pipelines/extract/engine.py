@@ -60,6 +60,12 @@ class EngineSettings:
     batch_size: int
     recipe: ViewRecipe
     decode_threads: int | None = None
+    runtime: str = "keras"
+    """``pipelines.extract.runtimes`` name."""
+    weights_sha256: str | None = None
+    """Keys the runtime's converted-model cache (None for random weights)."""
+    cache_dir: str | None = None
+    """Where the runtime may cache converted models (None: convert in memory)."""
 
 
 @dataclasses.dataclass
@@ -80,16 +86,14 @@ class FeatureEngine:
     """A pooled backbone plus the decode pipeline that feeds it."""
 
     def __init__(self, settings: EngineSettings):
-        from pipelines.backbones.registry import create_backbone, pooled_model
+        from pipelines.extract.runtimes import check_runtime, get_runtime
 
         if settings.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; "
                              f"got {settings.precision!r}.")
+        check_runtime(settings.runtime, settings.backbone, settings.precision)
         self.settings = settings
-        backbone = create_backbone(
-            settings.backbone, weights_path=settings.weights_path, input_size=settings.input_size,
-            seed=settings.seed, dtype_policy=PRECISIONS[settings.precision])
-        self.model = pooled_model(backbone, settings.pools)
+        self.predict = get_runtime(settings.runtime).build(settings)
 
     def run(self, tasks: Iterable[ImageTask]) -> Iterator[Result]:
         """Yield one ``Result`` per batch, in task order."""
@@ -99,9 +103,7 @@ class FeatureEngine:
             n = len(batch.rows)
             features = {}
             if n:
-                outputs = self.model.predict_on_batch(batch.pixels)
-                if not isinstance(outputs, (list, tuple)):
-                    outputs = [outputs]
+                outputs = self.predict(batch.pixels)
                 features = {pool: np.asarray(out[:n], dtype=np.float32)
                             for pool, out in zip(s.pools, outputs)}
             yield Result(batch.rows, features, batch.errors)

@@ -25,15 +25,17 @@ from pipelines.extract.recipe import Recipe
 
 
 def engine_settings_for(lineage: Lineage, *, weights_path: str | None = None,
-                        batch_size: int = 8) -> EngineSettings:
+                        batch_size: int = 8, cache_dir=None) -> EngineSettings:
     """Engine settings that reproduce ``lineage``'s raw-view features.
 
     ``weights_path`` is needed when the table was computed from a weights file
     (``file:<name>``); for ``imagenet`` Keras' cache is used unless it is given.
-    A file whose SHA-256 differs from the lineage's is refused.
+    A file whose SHA-256 differs from the lineage's is refused. The runtime is
+    the lineage's where it runs here (see ``Recipe.from_lineage``); ``cache_dir``
+    (``store.paths.openvino_cache``) keeps its converted model across runs.
     """
     recipe = Recipe.from_lineage(lineage).with_weights_file(weights_path)
-    return recipe.engine_settings(batch_size)
+    return recipe.engine_settings(batch_size, cache_dir=cache_dir)
 
 
 @dataclass
@@ -75,7 +77,7 @@ def iter_feature_batches(files: Iterable[tuple[str | Path, str]], lineage: Linea
 
 
 def featurize_files(paths: Sequence[str | Path], lineage: Lineage, *,
-                    weights_path: str | None = None
+                    weights_path: str | None = None, cache_dir=None
                     ) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """Raw-view features of image files under ``lineage``'s recipe.
 
@@ -83,7 +85,7 @@ def featurize_files(paths: Sequence[str | Path], lineage: Lineage, *,
     in the order of the files that decoded, ``image_ids`` their SHA-256 ids,
     and ``errors`` the ``(path, reason)`` of files that failed.
     """
-    settings = engine_settings_for(lineage, weights_path=weights_path)
+    settings = engine_settings_for(lineage, weights_path=weights_path, cache_dir=cache_dir)
     files = [(p, hash_file(p)) for p in paths]
     features, ids, errors = [], [], []
     for batch in iter_feature_batches(files, lineage, settings):

@@ -18,7 +18,7 @@ A recipe's fields and their lineage spelling:
 ``input_size``     ``input_size`` (square)
 ``preprocessing``  ``preprocessing``
 ``precision``      ``precision`` (hashed only when not float32)
-``runtime``        ``runtime`` (hashed only when not keras)
+``runtime``        ``runtime`` (never hashed: the runtimes agree, see ``runtimes``)
 ``augmentation``   ``augmentation`` ``{preset, views, seed, splits}`` or None
 ``max_pixels``     ``max_pixels`` (None when the default; never hashed)
 ``interpolation``  not recorded: the backbone's (the registry's resize mode)
@@ -45,9 +45,10 @@ from pipelines.extract.augment import get_preset
 from pipelines.extract.engine import PRECISIONS, EngineSettings
 from pipelines.extract.images import DEFAULT_MAX_PIXELS
 from pipelines.extract.loader import ViewRecipe
+from pipelines.extract.runtimes import check_runtime, default_runtime, list_runtimes, usable_runtime
 
-#: What may run the backbone (``Lineage.runtime``).
-RUNTIMES = (DEFAULT_RUNTIME,)
+#: What may run the backbone (``Lineage.runtime``; ``pipelines.extract.runtimes``).
+RUNTIMES = tuple(list_runtimes())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +154,13 @@ class Recipe:
         """
         augmentation = Augmentation(config.augment_preset, config.augment, config.seed,
                                     tuple(config.augment_splits)) if config.augment else None
+        get_spec(config.backbone)
+        _one_of("precision", config.precision, PRECISIONS)
+        runtime = default_runtime(config.backbone, config.precision) if config.runtime is None \
+            else check_runtime(config.runtime, config.backbone, config.precision)
         draft = cls(backbone=config.backbone, weights=random_identity(config.seed),
                     pools=config.pools, input_size=config.image_size,
-                    precision=config.precision, runtime=config.runtime,
+                    precision=config.precision, runtime=runtime,
                     augmentation=augmentation, max_pixels=config.max_pixels)
         return draft.with_weights(resolve_weights(draft.spec, config.weights, seed=config.seed))
 
@@ -186,7 +191,10 @@ class Recipe:
 
     @classmethod
     def from_lineage(cls, lineage: Lineage) -> Recipe:
-        """The recipe that computed ``lineage``'s table (its one pool); weights not resolved."""
+        """The recipe that computed ``lineage``'s table (its one pool); weights not resolved.
+
+        Its runtime is the lineage's where that runs here, else this machine's default.
+        """
         height, width = lineage.input_size
         if height != width:
             raise LineageMismatchError(
@@ -196,7 +204,8 @@ class Recipe:
             backbone=lineage.backbone, weights=lineage.weights,
             weights_sha256=lineage.weights_sha256, pools=(lineage.pool,), input_size=height,
             preprocessing=lineage.preprocessing, interpolation=spec.interpolation,
-            precision=lineage.precision, runtime=lineage.runtime,
+            precision=lineage.precision,
+            runtime=usable_runtime(lineage.runtime, lineage.backbone, lineage.precision),
             augmentation=Augmentation.from_dict(lineage.augmentation)
             if lineage.augmentation else None,
             max_pixels=lineage.max_pixels or DEFAULT_MAX_PIXELS)
@@ -221,8 +230,12 @@ class Recipe:
                 f"features would not be comparable.")
         return dataclasses.replace(self, weights_path=resolved.path)
 
-    def engine_settings(self, batch_size: int = 32) -> EngineSettings:
-        """What the engine (and each worker process) needs to compute these features."""
+    def engine_settings(self, batch_size: int = 32, cache_dir=None) -> EngineSettings:
+        """What the engine (and each worker process) needs to compute these features.
+
+        ``cache_dir`` is where the runtime may keep converted models
+        (``store.paths.openvino_cache``); None converts in memory.
+        """
         if self.weights_path is None and random_seed(self.weights) is None:
             raise LineageMismatchError(
                 f"Weights {self.weights!r} are not resolved to a file; call with_weights_file.")
@@ -230,7 +243,8 @@ class Recipe:
         return EngineSettings(
             backbone=self.backbone, input_size=self.input_size, weights_path=self.weights_path,
             seed=self.weights_seed, pools=self.pools, precision=self.precision,
-            batch_size=batch_size,
+            batch_size=batch_size, runtime=self.runtime, weights_sha256=self.weights_sha256,
+            cache_dir=None if cache_dir is None else str(cache_dir),
             recipe=ViewRecipe(size=self.input_size, preprocessing=self.preprocessing,
                               interpolation=self.interpolation, max_pixels=self.max_pixels,
                               augment_preset=aug.preset if aug else None,

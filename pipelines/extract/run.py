@@ -44,6 +44,7 @@ from pipelines.extract.errors import ErrorLog
 from pipelines.extract.plan import Plan, make_plan
 from pipelines.extract.images import DEFAULT_MAX_PIXELS
 from pipelines.extract.recipe import Recipe
+from pipelines.extract.runtimes import RUNTIMES
 
 POOL_CHOICES = ("max", "avg", "both")
 #: ``--format`` choices: each registered table format alone, or ``both`` (all of them).
@@ -85,10 +86,14 @@ class ExtractConfig:
     """Backbone processes: None picks 1 on an accelerator, else one per core (at most 4)."""
     precision: str = "float32"
     """``float32``, or ``bfloat16`` compute (faster on CPUs with AVX-512 BF16 / AMX)."""
-    runtime: str = "keras"
-    """What runs the backbone (``pipelines.extract.recipe.RUNTIMES``; only ``keras`` yet)."""
+    runtime: str | None = None
+    """What runs the backbone (``pipelines.extract.runtimes``): None picks ``openvino`` on a
+    CPU-only machine when it is installed and runs the recipe, else ``keras``."""
     rows_per_part: int = 1024
     """Rows per committed table part: at most this many views are recomputed after a kill."""
+    commit_seconds: float | None = 60.0
+    """A part is also committed once its oldest row has waited this long (None: rows only),
+    so a slow run killed early keeps its work."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Files with more pixels than this are refused (errors table) without decoding."""
     progress: bool = True
@@ -156,7 +161,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     with contextlib.ExitStack() as stack:
         writers = {pool: stack.enter_context(store.writer(
             lin, formats=FORMAT_CHOICES[config.format], shard=config.shard,
-            rows_per_part=config.rows_per_part))
+            rows_per_part=config.rows_per_part, commit_seconds=config.commit_seconds))
             for pool, lin in lineages.items()}
         plan = make_plan(manifest.images(), manifest.absolute_path,
                          [w.existing_keys() for w in writers.values()],
@@ -180,7 +185,8 @@ def _execute(config, recipe: Recipe, plan: Plan, writers, errors_log, workers):
 
     Returns ``(views written, [(path, reason)], seconds since the models were ready)``.
     """
-    settings = recipe.engine_settings(config.batch_size)
+    settings = recipe.engine_settings(config.batch_size,
+                                      cache_dir=Store(config.store).paths.openvino_cache)
     existing = {pool: w.existing_keys() for pool, w in writers.items()}
     bar = tqdm(total=plan.views_todo, unit="img", disable=not config.progress,
                desc=f"extract {recipe.backbone}", smoothing=0.05)
@@ -230,6 +236,8 @@ def _check_config(config: ExtractConfig) -> None:
                          f"got {sorted(unknown)}.")
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {config.batch_size}.")
+    if config.commit_seconds is not None and not config.commit_seconds > 0:
+        raise ValueError(f"commit_seconds must be > 0 (or None); got {config.commit_seconds}.")
     if config.workers is not None and config.workers < 1:
         raise ValueError(f"workers must be >= 1 (or None for automatic); got {config.workers}.")
     if config.shard is not None:
@@ -312,9 +320,16 @@ class _CommandFailed(click.ClickException):
 @click.option("--precision", default="float32", show_default=True,
               type=click.Choice(list(PRECISIONS)),
               help="bfloat16: faster on CPUs with AVX-512 BF16/AMX; features differ slightly.")
+@click.option("--runtime", default=None, type=click.Choice(list(RUNTIMES)),
+              help="What runs the backbone [default: openvino on a CPU-only machine where it "
+                   "is installed and converts the backbone, else keras].")
+@click.option("--commit-seconds", default=60.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Also commit a part once its oldest row has waited this long.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(dataset, store, backbone, pool, weights, image_size, augment, augment_preset,
-            augment_splits, seed, batch_size, format_, shard, workers, precision, quiet):
+            augment_splits, seed, batch_size, format_, shard, workers, precision, runtime,
+            commit_seconds, quiet):
     """Extract backbone features of the images in DATASET into feature tables in STORE.
 
     Rerunning the same command extracts only the missing rows (after a crash or
@@ -326,7 +341,8 @@ def command(dataset, store, backbone, pool, weights, image_size, augment, augmen
         dataset=dataset, store=store, backbone=backbone, pool=pool, weights=weights,
         image_size=image_size, augment=augment, augment_preset=augment_preset,
         augment_splits=tuple(augment_splits), seed=seed, batch_size=batch_size,
-        format=format_, shard=shard, workers=workers, precision=precision, progress=not quiet)
+        format=format_, shard=shard, workers=workers, precision=precision, runtime=runtime,
+        commit_seconds=commit_seconds, progress=not quiet)
     try:
         result = run_extract(config)
     except (FeatureStoreError, ValueError) as err:

@@ -292,7 +292,8 @@ def _engine_settings(model: SavedModel, ref: ModelRef, config: PredictConfig):
             f"Leave --weights out.")
     try:
         return engine_settings_for(lineage, weights_path=config.weights,
-                                   batch_size=config.batch_size)
+                                   batch_size=config.batch_size,
+                                   cache_dir=Store(config.store).paths.openvino_cache)
     except LineageMismatchError as err:
         raise LineageMismatchError(f"Refusing to score with model {ref.name}: {err} "
                                    f"Expected weights SHA-256 {lineage.weights_sha256}.") from err

@@ -40,7 +40,8 @@ def run_search(config: SearchConfig) -> pd.DataFrame:
     """
     with Store(config.store, create=False).open(config.table) as reader:
         groups, codes = group_codes(reader)
-        vector, group = query_vector(reader, config.query, codes, weights=config.weights)
+        vector, group = query_vector(reader, config.query, codes, weights=config.weights,
+                                     cache_dir=Store(config.store).paths.openvino_cache)
         result = search_table(reader, vector[None, :], config.k, config.metric,
                               query_groups=np.array([group]), base_groups=groups)
         meta = reader.metadata()
@@ -60,7 +61,7 @@ def group_codes(reader: TableReader) -> tuple[np.ndarray, dict[str, int]]:
 
 
 def query_vector(reader: TableReader, query: str, codes: dict[str, int], *,
-                 weights: str | None = None) -> tuple[np.ndarray, int]:
+                 weights: str | None = None, cache_dir=None) -> tuple[np.ndarray, int]:
     """Features of the query's raw row and its group code (-1 when not in the table)."""
     path = Path(query)
     if path.is_file():
@@ -69,7 +70,7 @@ def query_vector(reader: TableReader, query: str, codes: dict[str, int], *,
             from pipelines.embedding.derived import featurize_for  # imports the backbone code
 
             X, _, errors = featurize_for(reader.table_dir, reader.lineage, [path],
-                                         weights_path=weights)
+                                         weights_path=weights, cache_dir=cache_dir)
             if errors:
                 raise FeatureStoreError(f"Cannot read query image {errors[0][0]}: {errors[0][1]}")
             return X[0], -1
