@@ -179,7 +179,7 @@ def test_cli_multiclass_end_to_end(store_root):
     assert again.exit_code == 0, again.output
     assert len(pd.read_parquet(store_root / "leaderboard.parquet")) == 2
     bad = runner.invoke(fit_heads.command, args[:4] + ["--heads", "xgb"])
-    assert bad.exit_code != 0 and "Unknown head 'xgb'. Available: keras_dense" in bad.output
+    assert bad.exit_code != 0 and "Unknown head 'xgb'. Available: ensemble, keras_dense" in bad.output
 
 
 @pytest.mark.parametrize("extra, message", [
