@@ -22,8 +22,7 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import StratifiedKFold
 
 from classifiers.errors import ClassifierError
-
-CALIBRATIONS = ("temperature", "isotonic", "none")
+from classifiers.label_issues import CALIBRATIONS
 
 
 class _GivenProba(ClassifierMixin, BaseEstimator):

@@ -28,6 +28,9 @@ import numpy as np
 from classifiers.errors import ClassifierError
 
 METHODS = ("cleanlab", "threshold")
+#: Out-of-fold recalibrations (:mod:`classifiers.calibration`), named here so that the CLI
+#: lists them without importing scikit-learn's calibration module.
+CALIBRATIONS = ("temperature", "isotonic", "none")
 #: Neighbours of the feature-space vote (``neighbour_vote``): the knn head's default.
 VOTE_NEIGHBOURS = 15
 

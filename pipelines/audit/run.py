@@ -33,9 +33,8 @@ import click
 import numpy as np
 import pandas as pd
 
-from classifiers.calibration import CALIBRATIONS, calibrate_out_of_fold
 from classifiers.errors import ClassifierError
-from classifiers.label_issues import METHODS, neighbour_vote, rank_label_issues
+from classifiers.label_issues import CALIBRATIONS, METHODS, neighbour_vote, rank_label_issues
 from featurestore import FeatureStoreError, Store
 from featurestore._io import atomic_write, atomic_write_text, utc_now, write_csv
 from featurestore.views import View, ViewStore, check_view_name
@@ -208,6 +207,8 @@ def _add_neighbour_vote(scores, X: np.ndarray, calibration: str) -> None:
     different images, and their mean ranks flipped labels better than either
     (``benchmarks/bench_audit.py --case lookalike``).
     """
+    from classifiers.calibration import calibrate_out_of_fold  # scikit-learn's calibration
+
     votes = neighbour_vote(X, scores.labels, scores.fold, len(scores.classes))
     votes = calibrate_out_of_fold(scores.labels, votes, scores.fold, method=calibration)
     n = len(scores.heads)

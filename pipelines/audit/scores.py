@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from classifiers.calibration import calibrate_out_of_fold
 from featurestore import FeatureStoreError, Store
 from pipelines.heads.models import (HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, list_models, model_dir,
                                     prediction_file)
@@ -89,6 +88,8 @@ def _ensemble(frames: list[tuple[str, pd.DataFrame]], split: str, calibration: s
     if unknown:
         raise FeatureStoreError(f"Labels {unknown} have no probability column in the heads' "
                                 f"{split} predictions.")
+    from classifiers.calibration import calibrate_out_of_fold  # scikit-learn's calibration
+
     index = np.searchsorted(classes, labels)
     # Each head is calibrated on its own folds (heads may be fitted with other --cv/--seed).
     proba = np.mean([calibrate_out_of_fold(
