@@ -205,7 +205,7 @@ def _add_neighbour_vote(scores, X: np.ndarray, calibration: str) -> None:
 
     Why: on look-alike classes a linear head and a neighbour vote err on
     different images, and their mean ranks flipped labels better than either
-    (``benchmarks/bench_audit.py --case lookalike``).
+    (``benchmarks/bench_audit.py --features lookalike``).
     """
     from classifiers.calibration import calibrate_out_of_fold  # scikit-learn's calibration
 

@@ -53,7 +53,9 @@ def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
                  if r.table_key == table_key and (r.path / file).exists()]
     names = [r.head + (f"@{r.view}" if r.view else "") for r in available]
     if heads is None:
-        heads = [r.head for r in available if r.view is None]
+        # The ensemble's scores are its members' weighted mean: it would count them twice.
+        heads = [r.head for r in available if r.view is None and r.head != "ensemble"] or \
+            [r.head for r in available if r.view is None]
     if not heads:
         raise FeatureStoreError(f"No fitted heads with {file} on table {table_key}; run "
                                 f"`featurestore fit-heads --table {table_key}` first. Heads "
