@@ -94,15 +94,22 @@ def _plain_precision(root, proba, y, flipped):
     return float(np.isin(top, list(flipped)).mean())
 
 
-@pytest.mark.parametrize("method", ["temperature", "isotonic"])
-def test_calibration_keeps_rows_summing_to_one_and_lowers_out_of_fold_log_loss(method):
+@pytest.fixture(scope="module")
+def overconfident():
+    """Out-of-fold probabilities of a barely regularised logreg on noisy pixels, with folds."""
     X, y = lookalike_digits()
     fold = fold_index(y)
-    # A barely regularised logreg on noisy pixels: the over-confident head of the issue.
-    head = create_head("logreg", C=100.0, max_iter=300)
-    proba = cross_val_predict(head, X, y, method="predict_proba",
+    proba = cross_val_predict(create_head("logreg", C=100.0, max_iter=60), X, y,
+                              method="predict_proba",
                               cv=[(np.flatnonzero(fold != k), np.flatnonzero(fold == k))
                                   for k in range(5)])
+    return y, proba, fold
+
+
+@pytest.mark.parametrize("method", ["temperature", "isotonic"])
+def test_calibration_keeps_rows_summing_to_one_and_lowers_out_of_fold_log_loss(
+        method, overconfident):
+    y, proba, fold = overconfident
     calibrated = calibrate_out_of_fold(y, proba, fold, method=method)
     assert calibrated.shape == proba.shape
     np.testing.assert_allclose(calibrated.sum(axis=1), 1.0, atol=1e-9)
