@@ -28,6 +28,11 @@ import numpy as np
 from classifiers.errors import ClassifierError
 
 METHODS = ("cleanlab", "threshold")
+#: Out-of-fold recalibrations (:mod:`classifiers.calibration`), named here so that the CLI
+#: lists them without importing scikit-learn's calibration module.
+CALIBRATIONS = ("temperature", "isotonic", "none")
+#: Neighbours of the feature-space vote (``neighbour_vote``): the knn head's default.
+VOTE_NEIGHBOURS = 15
 
 
 @dataclass
@@ -104,3 +109,27 @@ def _threshold_rule(labels, pred_probs, below, above) -> np.ndarray:
         others[np.arange(len(labels)), labels] = -np.inf
         flagged |= others.max(axis=1, initial=-np.inf) > above
     return flagged
+
+
+def neighbour_vote(X: np.ndarray, labels: np.ndarray, fold: np.ndarray, n_classes: int, *,
+                   n_neighbors: int = VOTE_NEIGHBOURS) -> np.ndarray:
+    """Out-of-fold class votes of each row's nearest neighbours, ``(n_rows, n_classes)``.
+
+    ``X (n_rows, n_features)`` are the rows' features, ``labels (n_rows,)`` class
+    indices and ``fold (n_rows,)`` the fold that scored each row: the rows of
+    fold ``k`` are voted on by the other folds' rows only, so a mislabelled row
+    never votes for its own label. It is the ``knn`` head, cross-validated on
+    the folds that the audited heads used.
+    """
+    from classifiers.registry import create_head
+
+    labels = np.asarray(labels, dtype=np.int64)
+    votes = np.zeros((len(labels), n_classes))
+    for k in np.unique(fold):
+        rows, others = fold == k, fold != k
+        if len(np.unique(labels[others])) < 2:
+            raise ClassifierError(f"Fold {k}: the other folds hold fewer than two classes; "
+                                  f"too few rows for a neighbour vote.")
+        knn = create_head("knn", n_neighbors=n_neighbors).fit(X[others], labels[others])
+        votes[np.ix_(rows, knn.classes_)] = knn.predict_proba(X[rows])
+    return votes

@@ -58,8 +58,8 @@ from classifiers.studies import (FAIL_REASON, GRACE_SECONDS, LOCK_TIMEOUT, Trial
                                  study_lock)
 from classifiers.workers import FoldWorker
 
-__all__ = ["TuningError", "TuningResult", "get_storage", "head_fixed_params", "study_name",
-           "tune_head"]
+__all__ = ["TuningError", "TuningResult", "get_storage", "head_fixed_params", "select_ensemble",
+           "study_name", "tune_head"]
 
 _log = logging.getLogger(__name__)
 
@@ -197,6 +197,32 @@ def tune_head(head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
         return search_.run(n_trials, timeout)
     with FoldWorker(X, np.asarray(y), groups) as search_.worker:
         return search_.run(n_trials, timeout)
+
+
+def select_ensemble(members: Mapping[str, TuningResult], y: np.ndarray, folds: list[Fold], *,
+                    objective: Objective, fixed_params: Mapping[str, Any] | None = None,
+                    n_iter: int = 25) -> TuningResult:
+    """The ``ensemble`` head over tuned ``members``: weights by greedy selection on their OOF.
+
+    No new trial is run: the members' out-of-fold probabilities (same folds)
+    are the ensemble's candidates, and its out-of-fold probabilities are their
+    weighted mean, scored like any trial. ``y (n_rows,)`` are the labels.
+    """
+    from classifiers.heads.ensemble import greedy_selection
+
+    started = time.perf_counter()
+    names = list(members)
+    rows = np.concatenate([f.test for f in folds])
+    classes = np.unique(y)
+    y_enc = np.searchsorted(classes, y)
+    weights = greedy_selection([members[n].oof[rows] for n in names], y_enc[rows], n_iter)
+    oof = sum(w * members[n].oof for w, n in zip(weights, names))
+    params = {**head_fixed_params("ensemble", fixed_params or {}), "n_iter": n_iter,
+              "member_params": {n: dict(members[n].params) for n in names},
+              "weights": [float(w) for w in weights]}
+    value = score(objective, y_enc[rows], oof[rows])
+    return TuningResult("ensemble", params, float(value), oof, n_complete=1,
+                        trial_seconds=[time.perf_counter() - started])
 
 
 class _Tuning:

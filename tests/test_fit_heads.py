@@ -130,7 +130,8 @@ def test_every_head_saves_and_loads_without_pickle(store_root, head):
     estimator = create_head(head, **params).fit(X, y)
     folder = save_model(store_root, estimator, head=head, lineage=lineage(), params=params,
                         threshold=None, positive_class=None)
-    expected = {"xgboost": "model.ubj", "keras_dense": "model.keras"}.get(head, "model.skops")
+    expected = {"xgboost": "model.ubj", "keras_dense": "model.keras",
+                "ensemble": "m0-model.skops"}.get(head, "model.skops")
     assert (folder / expected).exists() and not list(folder.glob("*.joblib"))
     loaded = load_model(store_root, lineage().key, head, table=lineage())
     np.testing.assert_allclose(loaded.predict_proba(X), estimator.predict_proba(X), atol=1e-6)
@@ -179,7 +180,7 @@ def test_cli_multiclass_end_to_end(store_root):
     assert again.exit_code == 0, again.output
     assert len(pd.read_parquet(store_root / "leaderboard.parquet")) == 2
     bad = runner.invoke(fit_heads.command, args[:4] + ["--heads", "xgb"])
-    assert bad.exit_code != 0 and "Unknown head 'xgb'. Available: keras_dense" in bad.output
+    assert bad.exit_code != 0 and "Unknown head 'xgb'. Available: ensemble, keras_dense" in bad.output
 
 
 @pytest.mark.parametrize("extra, message", [

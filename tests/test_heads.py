@@ -59,7 +59,8 @@ class MidpointTrial(optuna.trial.FixedTrial):
 
 
 def test_unknown_head_lists_known_names():
-    with pytest.raises(UnknownHeadError, match="Unknown head 'xgb'. Available: keras_dense, knn"):
+    with pytest.raises(UnknownHeadError,
+                       match="Unknown head 'xgb'. Available: ensemble, keras_dense, knn"):
         create_head("xgb")
 
 

@@ -4,6 +4,6 @@ Adding a head: write ``classifiers/heads/<name>.py`` with an estimator class
 decorated by :func:`classifiers.registry.register_head`, and import it here.
 """
 
-from classifiers.heads import keras_dense, knn, linear_svm, logreg, rbf_svm, xgboost_head
+from classifiers.heads import ensemble, keras_dense, knn, linear_svm, logreg, rbf_svm, xgboost_head
 
-__all__ = ["keras_dense", "knn", "linear_svm", "logreg", "rbf_svm", "xgboost_head"]
+__all__ = ["ensemble", "keras_dense", "knn", "linear_svm", "logreg", "rbf_svm", "xgboost_head"]

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from classifiers.errors import ClassifierError
-from classifiers.label_issues import METHODS, rank_label_issues
+from classifiers.label_issues import CALIBRATIONS, METHODS, neighbour_vote, rank_label_issues
 from featurestore import FeatureStoreError, Store
 from featurestore._io import atomic_write, atomic_write_text, utc_now, write_csv
 from featurestore.views import View, ViewStore, check_view_name
@@ -57,6 +57,12 @@ class AuditLabelsConfig:
     None: every head fitted on the whole table."""
     method: str = "cleanlab"
     """``cleanlab`` (confident learning) or ``threshold`` (see ``below``/``above``)."""
+    calibration: str = "temperature"
+    """Out-of-fold recalibration of each head before averaging: ``temperature``,
+    ``isotonic`` or ``none`` (train split only)."""
+    neighbour_vote: bool = True
+    """Add the out-of-fold vote of each image's nearest neighbours in feature space
+    as one more ensemble member (train split, unless a ``knn`` head is audited)."""
     top: int | None = None
     """Keep at most this many suspects (worst first); None: every flagged image."""
     below: float | None = 0.5
@@ -101,6 +107,9 @@ class AuditResult:
 
 
 def _check_config(config: AuditLabelsConfig) -> None:
+    if config.calibration not in CALIBRATIONS:
+        raise FeatureStoreError(f"calibration must be one of {', '.join(CALIBRATIONS)}; "
+                                f"got {config.calibration!r}.")
     if config.method not in METHODS:
         raise FeatureStoreError(f"method must be one of {', '.join(METHODS)}; "
                                 f"got {config.method!r}.")
@@ -151,8 +160,12 @@ def run_audit_labels(config: AuditLabelsConfig, echo: Callable[[str], None] = pr
 
 def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditLabelsConfig,
            echo) -> AuditResult:
-    scores = load_scores(store, key, config.heads, config.split)
+    scores = load_scores(store, key, config.heads, config.split, config.calibration)
     _warn_unscored(images, scores.image_id, key, config.split, echo)
+    X = None
+    if _wants_vote(config, scores):
+        X = _features(store, key, scores.image_id)
+        _add_neighbour_vote(scores, X, config.calibration)
     issues = rank_label_issues(scores.labels, scores.proba, method=config.method,
                                below=config.below, above=config.above)
     classes = np.asarray(scores.classes)
@@ -171,7 +184,7 @@ def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditLabelsConf
          f"{', '.join(scores.heads)}): {context['n_flagged']} flagged by {config.method}, "
          f"{len(suspects)} written to {run_dir / 'suspects.csv'}")
     if config.neighbours > 0 and len(suspects):
-        X = _features(store, key, scores.image_id)
+        X = _features(store, key, scores.image_id) if X is None else X
         rows = pd.DataFrame({"image_id": scores.image_id, "path": [
             path_of.get(i, "") for i in scores.image_id],
             "given_label": classes[scores.labels]})
@@ -179,6 +192,28 @@ def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditLabelsConf
                              context=context)
         echo(f"Gallery: {page}")
     return AuditResult(key, config.method, scores.heads, ranking, suspects, run_dir)
+
+
+def _wants_vote(config: AuditLabelsConfig, scores) -> bool:
+    # A knn head already is a neighbour vote; held-out scores have no folds.
+    return (config.neighbour_vote and scores.fold is not None
+            and not any(h.partition("@")[0] == "knn" for h in scores.heads))
+
+
+def _add_neighbour_vote(scores, X: np.ndarray, calibration: str) -> None:
+    """Average the neighbours' out-of-fold vote into ``scores`` as one member among the heads.
+
+    Why: on look-alike classes a linear head and a neighbour vote err on
+    different images, and their mean ranks flipped labels better than either
+    (``benchmarks/bench_audit.py --features lookalike``).
+    """
+    from classifiers.calibration import calibrate_out_of_fold  # scikit-learn's calibration
+
+    votes = neighbour_vote(X, scores.labels, scores.fold, len(scores.classes))
+    votes = calibrate_out_of_fold(scores.labels, votes, scores.fold, method=calibration)
+    n = len(scores.heads)
+    scores.proba = (scores.proba * n + votes) / (n + 1)
+    scores.heads = [*scores.heads, "neighbours"]
 
 
 def _warn_unscored(images: pd.DataFrame, scored: np.ndarray, key: str, split: str,
@@ -275,6 +310,10 @@ def format_views(store: str | Path | Store) -> str:
 @click.option("--heads", default=None,
               help="Comma-separated fitted heads to average [default: all on the table].")
 @click.option("--method", type=click.Choice(METHODS), default="cleanlab", show_default=True)
+@click.option("--calibration", type=click.Choice(CALIBRATIONS), default="temperature",
+              show_default=True, help="Out-of-fold recalibration of each head before averaging.")
+@click.option("--neighbour-vote/--no-neighbour-vote", default=True, show_default=True,
+              help="Add the out-of-fold vote of nearest neighbours in feature space.")
 @click.option("--top", type=click.IntRange(min=1), default=None,
               help="Keep the K worst suspects [default: every flagged image].")
 @click.option("--below", type=click.FloatRange(0, 1), default=0.5, show_default=True,

@@ -3,7 +3,12 @@
 Training images are scored by ``oof.parquet`` (out-of-fold: each image was
 predicted by a model that never saw it); held-out images by ``heldout.parquet``
 (the refitted head, which never saw them either). Both files have columns
-``image_id``, ``label`` and ``proba_<label>`` per class.
+``image_id``, ``label`` and ``proba_<label>`` per class; ``oof.parquet`` also
+``fold``, the fold that scored the row.
+
+Out-of-fold probabilities are recalibrated per head before they are averaged
+(:func:`classifiers.calibration.calibrate_out_of_fold`, cross-fitted on the
+same folds), so an over-confident head does not outvote the others.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from pipelines.heads.models import (HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, list_m
                                     prediction_file)
 
 
-
 @dataclass
 class Scores:
     """The ensemble's view of the audited images, ``n_rows`` of them."""
@@ -33,17 +37,25 @@ class Scores:
     classes: list[str]
     heads: list[str]
     """Heads averaged (``<head>[@<view>]``)."""
+    fold: np.ndarray | None = None
+    """(n_rows,) fold that scored each row (out-of-fold scores only)."""
 
 
 def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
-                split: str = "train") -> Scores:
-    """Average the heads' probabilities of ``split`` images, aligned by image id."""
+                split: str = "train", calibration: str = "temperature") -> Scores:
+    """Average the heads' probabilities of ``split`` images, aligned by image id.
+
+    ``calibration`` (``temperature``, ``isotonic``, ``none``) applies to
+    out-of-fold scores only: held-out scores have no folds to cross-fit on.
+    """
     file = OOF_FILE if split == "train" else HELDOUT_FILE
     available = [r for r in list_models(store)
                  if r.table_key == table_key and (r.path / file).exists()]
     names = [r.head + (f"@{r.view}" if r.view else "") for r in available]
     if heads is None:
-        heads = [r.head for r in available if r.view is None]
+        # The ensemble's scores are its members' weighted mean: it would count them twice.
+        heads = [r.head for r in available if r.view is None and r.head != "ensemble"] or \
+            [r.head for r in available if r.view is None]
     if not heads:
         raise FeatureStoreError(f"No fitted heads with {file} on table {table_key}; run "
                                 f"`featurestore fit-heads --table {table_key}` first. Heads "
@@ -57,10 +69,10 @@ def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
                                     f"Heads available: {', '.join(names) or 'none'}.")
         frame = pd.read_parquet(prediction_file(path.parent, file))  # saved with this model?
         frames.append((name, frame.sort_values("image_id", ignore_index=True)))
-    return _ensemble(frames, split)
+    return _ensemble(frames, split, calibration)
 
 
-def _ensemble(frames: list[tuple[str, pd.DataFrame]], split: str) -> Scores:
+def _ensemble(frames: list[tuple[str, pd.DataFrame]], split: str, calibration: str) -> Scores:
     first_name, first = frames[0]
     columns = sorted(c for c in first if c.startswith(PROBA_PREFIX))
     for name, frame in frames[1:]:
@@ -72,12 +84,20 @@ def _ensemble(frames: list[tuple[str, pd.DataFrame]], split: str) -> Scores:
                 f"together, or audit with one of them (--heads).")
         if sorted(c for c in frame if c.startswith(PROBA_PREFIX)) != columns:
             raise FeatureStoreError(f"Heads {first_name!r} and {name!r} have different classes.")
-    proba = np.mean([f[columns].to_numpy(dtype=np.float64) for _, f in frames], axis=0)
     classes = [c[len(PROBA_PREFIX):] for c in columns]
     labels = first["label"].astype(str).to_numpy()
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise FeatureStoreError(f"Labels {unknown} have no probability column in the heads' "
                                 f"{split} predictions.")
-    return Scores(first["image_id"].astype(str).to_numpy(), np.searchsorted(classes, labels),
-                  proba, classes, [n for n, _ in frames])
+    from classifiers.calibration import calibrate_out_of_fold  # scikit-learn's calibration
+
+    index = np.searchsorted(classes, labels)
+    # Each head is calibrated on its own folds (heads may be fitted with other --cv/--seed).
+    proba = np.mean([calibrate_out_of_fold(
+        index, f[columns].to_numpy(dtype=np.float64), f["fold"].to_numpy(),
+        method=calibration) if "fold" in f else f[columns].to_numpy(dtype=np.float64)
+        for _, f in frames], axis=0)
+    fold = first["fold"].to_numpy() if "fold" in first else None
+    return Scores(first["image_id"].astype(str).to_numpy(), index, proba, classes,
+                  [n for n, _ in frames], fold)

@@ -35,7 +35,7 @@ from classifiers.errors import ClassifierError
 from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_report,
                                  make_objective, recall_floor_threshold)
 from classifiers.registry import create_head, get_head_spec, list_heads
-from classifiers.tuning import TuningResult, tune_head, study_name
+from classifiers.tuning import TuningResult, select_ensemble, tune_head, study_name
 from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
 from featurestore._io import atomic_write, utc_now
 from featurestore.views import View, ViewStore, apply_view
@@ -197,9 +197,11 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
          f"{config.cv}-fold grouped CV, objective {objective.label}.")
     result = FitHeadsResult(lineage.key, objective, eval_split)
     rows = []
-    for head in config.heads:
+    for head in _ensemble_last(config.heads):
         started = time.perf_counter()
-        search = tune_head(
+        members = {h: r.search for h, r in result.heads.items()}
+        search = select_ensemble(members, y, folds, objective=objective, fixed_params=fixed) \
+            if head == "ensemble" and members else tune_head(
             head, X, y, groups, folds, objective=objective,
             n_trials=config.n_trials, timeout=config.timeout, seed=config.seed,
             fixed_params=fixed, storage=storage, search=config.search == "optuna",
@@ -213,6 +215,11 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
         echo(_head_summary(head_result, objective))
     result.leaderboard = update_leaderboard(store, rows)
     return result
+
+
+def _ensemble_last(heads: Sequence[str]) -> list[str]:
+    """``ensemble`` after the heads it selects from (the others of this run)."""
+    return [h for h in heads if h != "ensemble"] + [h for h in heads if h == "ensemble"]
 
 
 def _on_view(arrays: FeatureArrays, view: View | None, split: str, echo) -> FeatureArrays:
