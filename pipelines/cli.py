@@ -19,6 +19,7 @@ def _register():
     # One module per command; each exposes a click command named ``command``.
     from pipelines import scan, tables
     from pipelines.audit import run as audit_labels
+    from pipelines.cnn import run as train_cnn
     from pipelines.demo import run as demo
     from pipelines.extract import run as extract
     from pipelines.heads import fit as fit_heads
@@ -28,7 +29,7 @@ def _register():
     from pipelines.similar import index, near_duplicates, search
 
     for module in (demo, scan, extract, fit_heads, audit_labels, tables, index, search,
-                   eval_search, near_duplicates, predict, report):
+                   eval_search, near_duplicates, predict, report, train_cnn):
         # Every command: a full disk or a dead worker is one line, not a traceback.
         module.command.callback = one_line_failures(module.command.callback)
         main.add_command(module.command)

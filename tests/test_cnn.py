@@ -1,0 +1,91 @@
+"""train-cnn: a small CNN from the store's images, ranked beside the heads on the same test split."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from featurestore import FeatureStoreError, Store
+from pipelines.cli import main
+from pipelines.cnn import TrainCnnConfig, run_train_cnn
+from pipelines.cnn.data import augmenter, load_splits
+from pipelines.extract.augment import PRESETS
+from pipelines.heads.leaderboard import read_leaderboard
+from pipelines.heads.models import HELDOUT_FILE, resolve_model_name
+from tests.digit_store import digit_store
+
+EPOCHS = dict(epochs=1, batch_size=32, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    store = digit_store(tmp_path_factory.mktemp("cnn"))
+    lines = []
+    result = run_train_cnn(TrainCnnConfig(store=store, positive_class="d1", min_recall=0.9,
+                                          **EPOCHS), echo=lines.append)
+    return store, result, lines
+
+
+def test_cnn_joins_the_leaderboard_with_held_out_test_metrics(trained):
+    store, result, lines = trained
+    board = read_leaderboard(store)
+    row = board[(board["head"] == "cnn")].iloc[0]
+    assert row["table"] == "images/32" and row["eval_split"] == "test"
+    assert row["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    assert row["sec_per_epoch"] > 0 and row["epochs"] == 1
+    assert any(line.startswith("epoch 1/1: ") for line in lines)  # progress per epoch
+    ref = resolve_model_name(store, "cnn")
+    meta = json.loads((ref.path / "model.json").read_text())
+    assert meta["kind"] == "end_to_end" and len(meta["recipe"]["manifest_digest"]) == 64
+    assert meta["threshold"] == result.threshold is not None  # recall floor chosen on val
+    assert np.array(meta["metrics"]["confusion_matrix"]).sum() == meta["recipe"]["rows"]["test"]
+
+
+def test_saved_model_reproduces_its_held_out_predictions_from_the_test_images(trained):
+    import keras
+
+    store, result, _ = trained
+    ref = resolve_model_name(store, "images-32/cnn")
+    held = pd.read_parquet(ref.path / HELDOUT_FILE)
+    test = load_splits(Store(store, create=False), 32).splits["test"]
+    with Store(store).manifest() as manifest:
+        assert set(held["image_id"]) == set(manifest.images(split="test")["image_id"])
+    model = keras.saving.load_model(ref.path / "model.keras", safe_mode=True)
+    proba = model.predict(test.pixels.astype(np.float32), verbose=0)
+    order = pd.Series(range(len(held)), index=held["image_id"])[test.image_ids].to_numpy()
+    saved = held[[c for c in held if c.startswith("proba_")]].to_numpy()[order]
+    np.testing.assert_allclose(proba, saved, atol=1e-5)
+
+
+def test_resume_goes_on_from_the_best_checkpoint(trained):
+    store, _, _ = trained
+    lines = []
+    result = run_train_cnn(TrainCnnConfig(store=store, positive_class="d1", min_recall=0.9,
+                                          resume=True, **{**EPOCHS, "epochs": 2}),
+                           echo=lines.append)
+    assert any(line.startswith("Resuming after epoch 1 ") for line in lines)
+    assert result.epochs == 2 and not any(line.startswith("epoch 1/") for line in lines)
+
+
+def test_a_class_without_val_images_is_refused_before_training(tmp_path):
+    store = digit_store(tmp_path, digits=(0, 1), per_class=20)
+    with Store(store).manifest() as manifest:
+        val = manifest.images(split="val", label="d1")
+        with manifest.transaction():
+            manifest.set_splits([(path, "train") for path in val["path"]])
+    result = CliRunner().invoke(main, ["train-cnn", "--store", str(store), "--image-size", "32"])
+    assert result.exit_code == 2, result.output
+    assert "Error: Class(es) d1 have no val images" in result.output
+    assert not Store(store).paths.training_of("images-32", "cnn").exists()  # nothing trained
+    with pytest.raises(FeatureStoreError, match="image_size must be at least 16"):
+        run_train_cnn(TrainCnnConfig(store=store, image_size=8))
+
+
+def test_base_preset_is_the_users_augmentation():
+    base = PRESETS["base"]
+    assert (base.shift, base.max_shift_y, base.brightness) == (0.1, 0.05, (0.95, 1.05))
+    assert base.horizontal_flip and not base.vertical_flip
+    layers = [type(layer).__name__ for layer in augmenter(base, 0).layers]
+    assert layers == ["RandomFlip", "RandomTranslation"]  # no rotation, no zoom
