@@ -31,7 +31,7 @@ RESUMABLE_CHANGES = ("epochs", "patience")
 @dataclass
 class TrainingRun:
     model: object
-    """The Keras model with the best val_loss, reloaded from its checkpoint."""
+    """The Keras model with the weights of the best val_loss epoch."""
     epochs: int
     """Epochs logged in total (earlier runs of a resumed training included)."""
     epoch_seconds: list[float] = field(default_factory=list)
@@ -58,8 +58,10 @@ def train(model, train_data, val_data, *, work_dir: Path, recipe: dict, epochs: 
             (work_dir / name).unlink(missing_ok=True)
     atomic_write_text(work_dir / RECIPE_FILE, json.dumps(recipe, sort_keys=True, indent=1))
     clock = _epoch_clock(echo, epochs)
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+                                            restore_best_weights=True)
     callbacks = [
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
+        stopper,
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                           patience=max(1, patience // 2)),
         keras.callbacks.ModelCheckpoint(str(work_dir / BEST_FILE), monitor="val_loss",
@@ -67,16 +69,20 @@ def train(model, train_data, val_data, *, work_dir: Path, recipe: dict, epochs: 
         keras.callbacks.CSVLogger(str(work_dir / HISTORY_FILE), append=resume),
         clock,
     ]
-    if initial_epoch < epochs:
+    ran = initial_epoch < epochs
+    if ran:
         model.fit(train_data, validation_data=val_data, epochs=epochs,
                   initial_epoch=initial_epoch, callbacks=callbacks, class_weight=class_weight,
                   shuffle=False,  # the tf.data pipeline shuffles
                   verbose=0)
     else:
         echo(f"All {epochs} epochs are done already; evaluating the best checkpoint.")
-    best = keras.saving.load_model(work_dir / BEST_FILE, safe_mode=True)
+    if not ran or (best_loss is not None and best_loss <= stopper.best):
+        # The best epoch is an earlier run's: only its checkpoint has it. Otherwise the
+        # stopper put this run's best weights back, the same as the checkpoint's.
+        model = keras.saving.load_model(work_dir / BEST_FILE, safe_mode=True)
     history = pd.read_csv(work_dir / HISTORY_FILE)
-    return TrainingRun(best, len(history), clock.seconds, history)
+    return TrainingRun(model, len(history), clock.seconds, history)
 
 
 def _resumed(work_dir: Path, recipe: dict, echo):
