@@ -89,3 +89,16 @@ def test_base_preset_is_the_users_augmentation():
     assert base.horizontal_flip and not base.vertical_flip
     layers = [type(layer).__name__ for layer in augmenter(base, 0).layers]
     assert layers == ["RandomFlip", "RandomTranslation"]  # no rotation, no zoom
+
+
+def test_explain_writes_grad_cam_overlays_of_the_cnn(trained, tmp_path):
+    store, _, _ = trained
+    with Store(store).manifest() as manifest:
+        rows = manifest.images(split="test").head(3)
+        paths = [manifest.absolute_path(row) for _, row in rows.iterrows()]
+    result = CliRunner().invoke(main, ["explain", *map(str, paths), "--store", str(store),
+                                       "--model", "images-32/cnn", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "grad-cam of images-32/cnn: 3 overlays" in result.output
+    overlays = sorted(tmp_path.glob("*.heatmap.png"))
+    assert [p.name for p in overlays] == sorted(p.stem + ".heatmap.png" for p in paths)

@@ -102,3 +102,13 @@ def _leaderboard_row(key, head, recipe, result: Evaluated, objective, timing) ->
         "sec_per_epoch": timing["sec_per_epoch"], "epochs": timing["epochs"],
         "params": str(recipe.get("params", {})), "updated_at": utc_now(),
     }
+
+
+def load_end_to_end(folder, meta: dict):
+    """The checked ``model.keras`` of an end-to-end model folder, loaded with ``safe_mode``."""
+    import keras
+
+    from pipelines.heads.model_folder import check_all_files
+
+    check_all_files(folder, meta)
+    return keras.saving.load_model(folder / KERAS_FILE, compile=False, safe_mode=True)
