@@ -102,3 +102,20 @@ def test_explain_writes_grad_cam_overlays_of_the_cnn(trained, tmp_path):
     assert "grad-cam of images-32/cnn: 3 overlays" in result.output
     overlays = sorted(tmp_path.glob("*.heatmap.png"))
     assert [p.name for p in overlays] == sorted(p.stem + ".heatmap.png" for p in paths)
+
+
+def test_report_shows_a_heatmap_beside_each_misclassified_thumbnail(trained, tmp_path):
+    from pipelines.explain.gallery import GalleryHeatmaps
+    from pipelines.report import ReportConfig, run_report
+
+    store, _, _ = trained
+    with Store(store).manifest() as manifest:
+        rows = manifest.images(split="test").head(2)
+        images = [(row.image_id, manifest.absolute_path(row)) for _, row in rows.iterrows()]
+    written, note = GalleryHeatmaps(Store(store), tmp_path)("images-32/cnn", images)
+    assert note.startswith("Heatmaps: grad-cam") and set(written) == {i for i, _ in images}
+    assert all((tmp_path / relative).stat().st_size > 0 for relative in written.values())
+    run_report(ReportConfig(store=store, out=tmp_path / "report", map="pca", heatmaps=True),
+               echo=lambda line: None)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count('class="thumb"') == page.count('class="heatmap"')
