@@ -119,3 +119,21 @@ def test_report_shows_a_heatmap_beside_each_misclassified_thumbnail(trained, tmp
                echo=lambda line: None)
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.count('class="thumb"') == page.count('class="heatmap"')
+
+
+def test_predict_scores_new_files_with_the_cnn_as_fit_time_did(trained, tmp_path):
+    store, _, _ = trained
+    ref = resolve_model_name(store, "images-32/cnn")
+    held = pd.read_parquet(ref.path / HELDOUT_FILE).set_index("image_id")
+    with Store(store).manifest() as manifest:
+        rows = manifest.images(split="test").head(4)
+        paths = [manifest.absolute_path(row) for _, row in rows.iterrows()]
+    out = tmp_path / "pred.parquet"
+    result = CliRunner().invoke(main, ["predict", *map(str, paths), "--store", str(store),
+                                       "--model", "images-32/cnn", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(out).set_index("image_id")
+    columns = [c for c in held if c.startswith("proba_")]
+    assert (frame["source"] == "pixels").all() and len(frame) == 4
+    np.testing.assert_allclose(frame[columns], held.loc[frame.index, columns], atol=1e-5)
+    assert (frame["predicted"] == held.loc[frame.index, "predicted"]).all()
