@@ -108,28 +108,15 @@ def run_fine_tune(config: FineTuneConfig, echo: Callable[[str], None] = print) -
     data.check_splits(images)  # before any decoding
     classes = np.asarray([str(c) for c in head.classes])
     splits = stack.preprocessed_splits(store, recipe)
-    model, backbone = stack.stack(recipe, head.lineage, head.estimator.model_)
-    check = next(s for s in (splits.splits["test"], splits.splits["val"])
-                 if set(s.image_ids) & set(heldout["image_id"]))
-    diff = stack.check_reproduces(model, check.pixels, check.image_ids, heldout, classes,
-                                  ref.name)
+    model, backbone, diff, head_val = _checked_stack(ref, head, heldout, recipe, splits, echo)
     val = splits.splits["val"]
-    head_val = float(np.mean(saved.predict_pixels(model, val.pixels).argmax(1)
-                             == val.encoded(classes)))
-    echo(f"Stacked {recipe.backbone} + {ref.name}: reproduces the saved held-out "
-         f"probabilities within {diff:.1e}; head val accuracy {head_val:.4f}.")
     n_layers = stack.unfreeze(backbone, config.unfreeze)
     stack.check_inference_bn(backbone, splits.splits["train"].pixels[:8])
     compile_classifier(model, config.learning_rate)  # trainable flags take effect on compile
     echo(f"Training {n_layers} backbone layers ({config.unfreeze}) and the head at "
          f"learning rate {config.learning_rate:g}.")
     head_name = ref.head + SUFFIX
-    run_recipe = {"table": head.lineage.name, "architecture": f"{recipe.backbone}+{ref.head}",
-                  "source_model": ref.name, "manifest_digest": splits.digest,
-                  "rows": {s: int(len(v.labels)) for s, v in splits.splits.items()},
-                  "params": {"unfreeze": config.unfreeze, "learning_rate": config.learning_rate,
-                             "batch_size": config.batch_size, "epochs": config.epochs,
-                             "patience": config.patience, "seed": config.seed}}
+    run_recipe = _run_recipe(config, ref, recipe, head.lineage.name, splits)
     run = training.train(
         model, data.train_dataset(splits.splits["train"], classes, batch_size=config.batch_size,
                                   preset=None, seed=config.seed),
@@ -147,6 +134,34 @@ def run_fine_tune(config: FineTuneConfig, echo: Callable[[str], None] = print) -
     echo(f"held-out (test) accuracy {result.metrics['accuracy']:.4f}; saved as {name}.")
     return FineTuneResult(name, diff, head_val, run.history["val_accuracy"].tolist(),
                           result.metrics, run.seconds_per_epoch, run.model)
+
+
+def _checked_stack(ref, head, heldout, recipe, splits, echo):
+    """``(model, backbone, reproduce diff, head val accuracy)``: the stack, checked untrained."""
+    from pipelines.cnn.saved import predict_pixels
+    from pipelines.finetune import stack
+
+    classes = np.asarray([str(c) for c in head.classes])
+    model, backbone = stack.stack(recipe, head.lineage, head.estimator.model_)
+    check = next(s for s in (splits.splits["test"], splits.splits["val"])
+                 if set(s.image_ids) & set(heldout["image_id"]))
+    diff = stack.check_reproduces(model, check.pixels, check.image_ids, heldout, classes,
+                                  ref.name)
+    val = splits.splits["val"]
+    head_val = float(np.mean(predict_pixels(model, val.pixels).argmax(1)
+                             == val.encoded(classes)))
+    echo(f"Stacked {recipe.backbone} + {ref.name}: reproduces the saved held-out "
+         f"probabilities within {diff:.1e}; head val accuracy {head_val:.4f}.")
+    return model, backbone, diff, head_val
+
+
+def _run_recipe(config: FineTuneConfig, ref, recipe, table: str, splits) -> dict:
+    return {"table": table, "architecture": f"{recipe.backbone}+{ref.head}",
+            "source_model": ref.name, "manifest_digest": splits.digest,
+            "rows": {s: int(len(v.labels)) for s, v in splits.splits.items()},
+            "params": {"unfreeze": config.unfreeze, "learning_rate": config.learning_rate,
+                       "batch_size": config.batch_size, "epochs": config.epochs,
+                       "patience": config.patience, "seed": config.seed}}
 
 
 def _objective_of(head, classes):
