@@ -13,6 +13,7 @@
         near_duplicates.parquet    pairs found by near-duplicates
         projection.keras           derived (embedding) tables: the projection, verifier.json
       models/<key>/<head>[@<view>]/  fitted heads: model.json, model file, oof.parquet, heldout.parquet
+      training/<key>/<head>/       checkpoints of end-to-end models in training (train-cnn, fine-tune)
       leaderboard.parquet          every head on every table (and view), compared
       optuna.sqlite                the searches (resumable)
       views.sqlite                 cleaned views: label decisions with who/when/why
@@ -44,6 +45,7 @@ EXTRACT_ERRORS_FILE = "extract_errors.sqlite"
 SEARCH_EVAL_FILE = "search_eval.parquet"
 REPORT_DIR = "report"
 OPENVINO_CACHE_DIR = "openvino"  # inside CACHE_DIR
+TRAINING_DIR = "training"
 
 # Inside a table folder.
 LINEAGE_FILE = "lineage.json"
@@ -54,8 +56,8 @@ PROJECTION_FILE = "projection.keras"
 VERIFIER_FILE = "verifier.json"
 
 #: Top-level entries of a store, as the README's diagram names them.
-LAYOUT = (MANIFEST_FILE, TABLES_DIR, MODELS_DIR, LEADERBOARD_FILE, OPTUNA_FILE, VIEWS_FILE,
-          AUDITS_DIR, CACHE_DIR, EXTRACT_ERRORS_FILE, SEARCH_EVAL_FILE, REPORT_DIR)
+LAYOUT = (MANIFEST_FILE, TABLES_DIR, MODELS_DIR, TRAINING_DIR, LEADERBOARD_FILE, OPTUNA_FILE,
+          VIEWS_FILE, AUDITS_DIR, CACHE_DIR, EXTRACT_ERRORS_FILE, SEARCH_EVAL_FILE, REPORT_DIR)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,14 @@ class StorePaths:
     def models_of(self, key: str) -> Path:
         """Folder of the models fitted on table ``key``."""
         return self.models / key
+
+    @property
+    def training(self) -> Path:
+        return self.root / TRAINING_DIR
+
+    def training_of(self, key: str, head: str) -> Path:
+        """Checkpoints of end-to-end model ``head`` (on table or image size ``key``) in training."""
+        return self.training / key / head
 
     @property
     def leaderboard(self) -> Path:

@@ -38,6 +38,7 @@ def test_draws_stay_in_preset_ranges(preset):
     draws = [view_params(preset, 0, f"img{i}", 1) for i in range(300)]
     assert max(abs(p["rotation"]) for p in draws) <= ranges.rotation
     assert max(abs(p["shift_x"]) for p in draws) <= ranges.shift
+    assert max(abs(p["shift_y"]) for p in draws) <= ranges.max_shift_y
     assert all(ranges.zoom[0] <= p["zoom"] <= ranges.zoom[1] for p in draws)
     assert any(p["flip_h"] for p in draws) == ranges.horizontal_flip
     assert any(p["flip_v"] for p in draws) == ranges.vertical_flip
@@ -77,5 +78,5 @@ def test_flip_and_shift_move_pixels_the_right_way(image):
 
 
 def test_unknown_preset_lists_known_ones():
-    with pytest.raises(ValueError, match="Unknown augment preset 'wild'. Available: mild, strong"):
+    with pytest.raises(ValueError, match="Unknown augment preset 'wild'. Available: base, mild, strong"):
         view_params("wild", 0, IMAGE_ID, 1)

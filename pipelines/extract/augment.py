@@ -31,7 +31,7 @@ class AugmentPreset:
     rotation: float
     """Maximum absolute rotation in degrees."""
     shift: float
-    """Maximum absolute shift, as a fraction of width (x) and height (y)."""
+    """Maximum absolute shift, as a fraction of width (x), and of height (y) unless ``shift_y``."""
     zoom: tuple[float, float]
     """Zoom factor range; above 1 zooms in."""
     horizontal_flip: bool
@@ -40,9 +40,21 @@ class AugmentPreset:
     """Flip top-bottom with probability 1/2."""
     brightness: tuple[float, float] | None
     """Brightness factor range, or None for no brightness change."""
+    shift_y: float | None = None
+    """Maximum absolute vertical shift as a fraction of height; None: the same as ``shift``."""
+
+    @property
+    def max_shift_y(self) -> float:
+        return self.shift if self.shift_y is None else self.shift_y
 
 
 PRESETS: dict[str, AugmentPreset] = {
+    # The users' own base from their ImageDataGenerator runs: scans keep their
+    # orientation and scale, so only shifts, a left-right flip and a faint brightness change.
+    "base": AugmentPreset(
+        rotation=0.0, shift=0.1, shift_y=0.05, zoom=(1.0, 1.0),
+        horizontal_flip=True, vertical_flip=False, brightness=(0.95, 1.05),
+    ),
     "mild": AugmentPreset(
         rotation=10.0, shift=0.05, zoom=(0.95, 1.05),
         horizontal_flip=True, vertical_flip=False, brightness=None,
@@ -86,7 +98,7 @@ def view_params(preset: str, seed: int, image_id: str, aug_id: int) -> dict:
         "preset": preset,
         "rotation": float((2 * draws[0] - 1) * ranges.rotation),
         "shift_x": float((2 * draws[1] - 1) * ranges.shift),
-        "shift_y": float((2 * draws[2] - 1) * ranges.shift),
+        "shift_y": float((2 * draws[2] - 1) * ranges.max_shift_y),
         "zoom": float(ranges.zoom[0] + draws[3] * (ranges.zoom[1] - ranges.zoom[0])),
         "flip_h": bool(ranges.horizontal_flip and draws[4] < 0.5),
         "flip_v": bool(ranges.vertical_flip and draws[5] < 0.5),

@@ -22,7 +22,7 @@ KEY_COLUMNS = ("table_key", "head", "objective", "view")
 #: Columns of the printed table, in order.
 SHOWN = ("table", "head", "view", "objective", "cv_score", "eval_split", "accuracy",
          "balanced_accuracy", "roc_auc", "f1_macro", "recall", "specificity", "threshold",
-         "trials", "sec_per_trial", "refit_sec")
+         "trials", "sec_per_trial", "refit_sec", "sec_per_epoch")
 
 
 def read_leaderboard(store: str | Path | Store) -> pd.DataFrame:

@@ -158,6 +158,10 @@ def run_predict(config: PredictConfig, echo: Callable[[str], None] = print) -> P
     _check_config(config)
     store = Store(config.store, create=False)
     ref = resolve_model_name(store, config.model)
+    from pipelines.cnn.predict import is_end_to_end, run_predict_end_to_end
+
+    if is_end_to_end(ref):  # train-cnn and fine-tune models score pixels, not features
+        return run_predict_end_to_end(store, ref, config, echo, started)
     model = load_model(store, ref.table_key, ref.head, view=ref.view)
     settings = _engine_settings(model, ref, config) if config.weights is not None else None
     files, skipped = collect_images(config.inputs)

@@ -248,6 +248,7 @@ def table_lineages(store: Store, models: list[ModelFacts]) -> dict[str, Lineage]
     """Lineage by table key: the store's tables, plus those only models still remember."""
     lineages = {lin.key: lin for lin in store.lineages()}
     for model in models:
-        if model.ref.table_key not in lineages and "lineage" in model.meta:
+        # End-to-end models trained from pixels (train-cnn) have no table: lineage None.
+        if model.ref.table_key not in lineages and model.meta.get("lineage"):
             lineages[model.ref.table_key] = Lineage.from_dict(model.meta["lineage"])
     return lineages

@@ -68,6 +68,9 @@ class ReportConfig:
     """Optuna storage URL of the studies; default ``sqlite:///STORE/optuna.sqlite``."""
     seed: int = 0
     """Seed of the map samples and embeddings."""
+    heatmaps: bool = False
+    """Draw a heatmap (``featurestore explain``) beside each misclassified thumbnail; it
+    builds each explainable model's backbone, so it costs seconds per model."""
 
 
 def _check_config(config: ReportConfig) -> tuple[Store, Path]:
@@ -129,8 +132,9 @@ def _build(store: Store, config: ReportConfig, out: Path, echo) -> dict:
     echo(f"Report on {store.root}: {len(tables)} tables, {len(models)} models.")
     studies = StudyReader(default_storage(store, config.storage))
     with _locator(store, models) as locator:
-        context["models"] = [model_section(m, out, studies, locator, config.gallery_size)
-                             for m in models]
+        heatmaps = _heatmaps(store, out) if config.heatmaps else None
+        context["models"] = [model_section(m, out, studies, locator, config.gallery_size,
+                                           heatmaps) for m in models]
     clock.lap("models")
     context["maps"] = _map_sections(store, config, models, out, clock)
     context["seconds"] = dict(clock.seconds)
@@ -138,6 +142,12 @@ def _build(store: Store, config: ReportConfig, out: Path, echo) -> dict:
     return {"context": context, "store": str(store.root), "tables": [t.key for t in tables],
             "models": [m.name for m in models], "seconds": clock.seconds,
             "generated_at": context["generated_at"]}
+
+
+def _heatmaps(store: Store, out: Path):
+    from pipelines.explain.gallery import GalleryHeatmaps
+
+    return GalleryHeatmaps(store, out)
 
 
 def _search_section(store: Store) -> list[dict]:
@@ -216,11 +226,13 @@ def _best_model(table_key: str, models: list[ModelFacts]) -> ModelFacts | None:
 @click.option("--storage", default=None,
               help="Optuna storage URL [default: sqlite:///STORE/optuna.sqlite].")
 @click.option("--seed", type=int, default=0, show_default=True)
-def command(store, out, map_, map_points, map_sample, gallery_size, storage, seed):
+@click.option("--heatmaps", is_flag=True,
+              help="Heatmaps beside the misclassified thumbnails (featurestore explain).")
+def command(store, out, map_, map_points, map_sample, gallery_size, storage, seed, heatmaps):
     """Write a static HTML report: dataset, leaderboard, comparisons, curves, maps, errors."""
     config = ReportConfig(store=store, out=out, map=map_, map_points=map_points,
                           map_sample=map_sample, gallery_size=gallery_size, storage=storage,
-                          seed=seed)
+                          seed=seed, heatmaps=heatmaps)
     try:
         run_report(config, echo=click.echo)
     except (FeatureStoreError, ValueError) as err:

@@ -87,12 +87,22 @@ def leaderboard_grid(board: pd.DataFrame) -> Grid | None:
         return None
     columns = ["table", "head", "view", "objective", "cv_score", "eval_split", "accuracy",
                "balanced_accuracy", "roc_auc", "f1_macro", "recall", "specificity",
-               "threshold", "trials"]
+               "threshold", "trials", "refit_sec", "sec_per_epoch"]
     shown = board[[c for c in columns if c in board]].copy()
     for name in FOLD_METRICS:
         values = board[f"cv_{name}"] if f"cv_{name}" in board else [None] * len(board)
         shown[f"CV {name} (folds)"] = [_spread(v) for v in values]
+    if "sec_per_epoch" in board:  # end-to-end models (train-cnn, fine-tune) are ranked too
+        shown["x fastest head fit"] = _cost_ratio(board)
     return Grid.of(shown)
+
+
+def _cost_ratio(board: pd.DataFrame) -> pd.Series:
+    """Seconds per epoch (end to end) or per fit (heads) over the fastest head fit."""
+    per_epoch = pd.to_numeric(board["sec_per_epoch"], errors="coerce")
+    fits = pd.to_numeric(board["refit_sec"], errors="coerce")
+    fastest = fits[per_epoch.isna()].min()
+    return per_epoch.fillna(fits) / fastest if fastest and fastest > 0 else per_epoch * np.nan
 
 
 def _spread(value) -> str:
@@ -119,7 +129,7 @@ def comparison_sections(board: pd.DataFrame, out_dir: Path) -> list[dict]:
 
 
 def model_section(model: ModelFacts, out_dir: Path, studies: StudyReader,
-                  locator: ImageLocator, gallery_size: int) -> dict:
+                  locator: ImageLocator, gallery_size: int, heatmaps=None) -> dict:
     """Metrics, confusion matrix, curves, Optuna study and the misclassified gallery."""
     meta = model.meta
     rule = f"threshold {model.threshold:.3f} on P({model.classes[model.positive]})" \
@@ -136,6 +146,12 @@ def model_section(model: ModelFacts, out_dir: Path, studies: StudyReader,
         section.update(_held_out_figures(model, held, out_dir, rule))
     section["optuna"] = studies.section(model, out_dir)
     section["gallery"] = _gallery(model, out_dir, locator, gallery_size)
+    if heatmaps is not None:  # pipelines.explain.gallery.GalleryHeatmaps: beside each thumbnail
+        items = section["gallery"]["items"]
+        found, section["gallery"]["heatmap_note"] = heatmaps(
+            model.name, [(g["image_id"], Path(g["path"])) for g in items if g["src"]])
+        for g in items:
+            g["heatmap"] = found.get(g["image_id"])
     return section
 
 

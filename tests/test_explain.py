@@ -1,0 +1,77 @@
+"""explain: heatmaps peak where the class is decided (exact CAM for logreg/avg, Grad-CAM through the stack)."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.explain import ExplainConfig, run_explain
+from pipelines.extract import ExtractConfig, run_extract
+from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+from pipelines.scan import ScanConfig, run_scan
+
+SIZE = 64  # DenseNet121's last feature map is 2 x 2 here: one cell per quadrant
+
+
+def scan_image(rng, quadrant: tuple[int, int] | None) -> np.ndarray:
+    """Noise, plus a bright cross in ``quadrant`` (None: no cross)."""
+    image = rng.integers(0, 60, size=(SIZE, SIZE, 3)).astype(np.uint8)
+    if quadrant is not None:
+        half = SIZE // 2
+        top, left = quadrant[0] * half + 6, quadrant[1] * half + 6
+        image[top + 8: top + 12, left: left + 20] = 255
+        image[top: top + 20, left + 8: left + 12] = 255
+    return image
+
+
+@pytest.fixture(scope="module")
+def quadrant_store(tmp_path_factory):
+    """Class ``marked`` has a cross in a random quadrant (in its file name), ``plain`` none."""
+    root = tmp_path_factory.mktemp("explain")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        quadrant = (int(rng.integers(2)), int(rng.integers(2)))
+        for name, mark in (("marked", quadrant), ("plain", None)):
+            path = root / "data" / name / f"q{quadrant[0]}{quadrant[1]}-{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(scan_image(rng, mark)).save(path)
+    store = root / "store"
+    run_scan(ScanConfig(dataset=root / "data", store=store, progress=False))
+    tables = run_extract(ExtractConfig(dataset=root / "data", store=store, pool="both",
+                                       weights="none", image_size=SIZE, workers=1,
+                                       progress=False)).tables
+    for pool in ("avg", "max"):
+        run_fit_heads(FitHeadsConfig(store=store, table=tables[pool], heads=["logreg"],
+                                     search="none", cv=2), echo=lambda line: None)
+    run_fit_heads(FitHeadsConfig(store=store, table=tables["max"], heads=["knn"],
+                                 search="none", cv=2), echo=lambda line: None)
+    return store, sorted((root / "data" / "marked").glob("*.png")), root
+
+
+@pytest.mark.parametrize("pool, method", [
+    ("avg", "cam"),
+    # Grad-CAM through the stacked DenseNet: ~30 s more; test_cnn covers Grad-CAM by default.
+    pytest.param("max", "grad-cam", marks=pytest.mark.slow)])
+def test_heatmap_peaks_in_the_quadrant_of_the_pattern_that_decides_the_class(
+        quadrant_store, pool, method):
+    store, marked, root = quadrant_store
+    result = run_explain(ExplainConfig(store=store, model=f"densenet121/{pool}/logreg",
+                                       images=marked, out=root / f"maps-{pool}",
+                                       class_label="marked"), echo=lambda line: None)
+    assert result.method == method
+    where = [(int(p.name[1]), int(p.name[2])) for p in marked]
+    peaks = list(zip(result.frame["peak_row"], result.frame["peak_col"]))
+    assert sum(a == b for a, b in zip(where, peaks)) >= len(marked) - 1, (where, peaks)
+    overlay = Image.open(result.frame["overlay"].iloc[0])
+    assert overlay.size == (SIZE, SIZE) and overlay.mode == "RGB"
+
+
+def test_a_head_without_gradients_is_refused(quadrant_store):
+    store, images, root = quadrant_store
+    result = CliRunner().invoke(main, ["explain", str(images[0]), "--store", str(store),
+                                       "--model", "densenet121/max/knn",
+                                       "--out", str(root / "none")])
+    assert result.exit_code == 2, result.output
+    assert "is a 'knn' head, which has no gradient to follow" in result.output
+    assert not (root / "none").exists()
