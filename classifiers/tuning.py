@@ -54,8 +54,8 @@ from classifiers.errors import ClassifierError
 from classifiers.metrics import Objective, score
 from classifiers.registry import create_head, get_head_spec
 from classifiers.studies import (FAIL_REASON, GRACE_SECONDS, LOCK_TIMEOUT, WORKER,
-                                 TrialSeededSampler, counted_failures, get_storage, is_killed, requeue_killed,
-                                 study_lock, worker_name)
+                                 TrialSeededSampler, counted_failures, get_storage, is_killed,
+                                 requeue_killed, study_lock, worker_name)
 from classifiers.workers import FoldWorker
 
 __all__ = ["TuningError", "TuningResult", "get_storage", "head_fixed_params", "study_name",

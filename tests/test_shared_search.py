@@ -5,9 +5,6 @@ refit; a worker killed in a trial leaves it to Optuna's heartbeat and it is
 retried; an unreachable server is one ``Error:`` line.
 """
 
-import os
-import signal
-import time
 from collections import Counter
 
 import optuna
@@ -22,7 +19,7 @@ from pipelines.cli import main as cli
 from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
 from tests.pg_server import free_port, pg_bin, postgres_server
 from tests.test_fit_heads import write_digits_table
-from tests.test_tuning_concurrency import start_worker, trials_of
+from tests.test_tuning_concurrency import kill_in_trial_2, trials_of
 from tests.tuning_worker import digits_problem
 
 needs_postgres = pytest.mark.skipif(pg_bin() is None, reason="PostgreSQL binaries not found "
@@ -57,16 +54,7 @@ def test_two_workers_share_each_study_and_one_of_them_refits(tmp_path, pg_url):
 
 @needs_postgres
 def test_a_killed_workers_trial_goes_stale_and_is_retried(tmp_path, pg_url):
-    marker = tmp_path / "hanging"
-    worker = start_worker(url=pg_url, study="killed", n_trials=4, hang_at=2,
-                          hang_marker=str(marker))
-    deadline = time.monotonic() + 90
-    while not marker.exists():
-        assert worker.poll() is None, worker.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "the worker never reached trial 2"
-        time.sleep(0.1)
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.wait()
+    kill_in_trial_2(pg_url, "killed", tmp_path / "hanging")
     # The killed worker's lock went with its connection; its trial is still RUNNING.
     with AdvisoryLock(pg_url, timeout=5):
         assert trials_of(pg_url, "killed")[2].state == TrialState.RUNNING
