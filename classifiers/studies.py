@@ -16,16 +16,22 @@ trip over each other, and a trial whose process was killed must run again:
   parameters again, at most :data:`MAX_RETRIES` times, so a killed (or
   interrupted) trial is redone instead of lost or counted. A trial that raised
   carries a ``fail_reason`` user attribute; that is how the two are told apart.
+* :func:`claim_refit` lets exactly one of the processes that finished a shared
+  search refit its best trial; the others see the claim and stop.
 
-The lock covers processes on one machine. A server database (PostgreSQL)
-shared by several machines has no such lock: there each process still draws
-its own parameters, but the last trials may overshoot ``n_trials`` by one per
-extra process.
+On PostgreSQL the lock is an advisory lock of the server
+(:class:`AdvisoryLock`), so processes on several machines sharing one
+database count and start trials as one step too, and the lock of a killed
+process goes with its connection. ``postgresql://`` URLs use psycopg 3 when
+psycopg2 is not installed.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,12 @@ LOCK_TIMEOUT = 600
 FAIL_REASON = "fail_reason"
 RETRY_OF = "retry_of"
 ATTEMPT = "attempt"
+WORKER = "worker"
+
+
+def worker_name() -> str:
+    """``host:pid``: unique among the processes sharing a study, on one machine or several."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def sqlite_file(storage: None | str | optuna.storages.BaseStorage) -> Path | None:
@@ -66,7 +78,11 @@ def sqlite_file(storage: None | str | optuna.storages.BaseStorage) -> Path | Non
 
 
 def study_lock(storage: None | str | optuna.storages.BaseStorage):
-    """A lock beside an SQLite database (``optuna.sqlite.lock``); a thread lock otherwise."""
+    """A lock beside an SQLite database (``optuna.sqlite.lock``), a PostgreSQL advisory
+    lock, or a thread lock for any other storage."""
+    url = getattr(storage, "url", storage)
+    if isinstance(url, str) and url.startswith("postgresql"):
+        return AdvisoryLock(url)
     path = sqlite_file(storage)
     if path is None:
         return threading.RLock()
@@ -87,10 +103,12 @@ def get_storage(storage: None | str | optuna.storages.BaseStorage = None, *,
     """
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
-    url = storage or default_url
+    url = postgres_driver(storage or default_url)
     if url is None:
         return optuna.storages.InMemoryStorage()
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    engine_kwargs = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite") else
+                     {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql")
+                     else None)  # an unreachable server fails in seconds, not minutes
     lock = study_lock(url)
     try:
         with lock, warnings.catch_warnings():
@@ -103,9 +121,89 @@ def get_storage(storage: None | str | optuna.storages.BaseStorage = None, *,
         raise ClassifierError(f"Optuna storage {url!r} stayed locked by another process "
                               f"for {LOCK_TIMEOUT} s ({err.lock_file}).") from err
     except Exception as err:  # SQLAlchemy raises many types for a bad URL or driver
-        raise ValueError(f"Cannot open Optuna storage {url!r}: {err}. Give an SQLAlchemy URL "
-                         f"such as sqlite:///path/optuna.sqlite or "
+        # The first line only: SQLAlchemy appends the SQL and a help link.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"Cannot open Optuna storage {_shown(url)!r}: {reason}. Give an "
+                         f"SQLAlchemy URL such as sqlite:///path/optuna.sqlite or "
                          f"postgresql://user@host/db.") from err
+
+
+def postgres_driver(url: str | None) -> str | None:
+    """``postgresql://`` as ``postgresql+psycopg://`` when psycopg2 (SQLAlchemy's default
+    driver) is missing: psycopg 3 is the one the ``cluster`` extra installs."""
+    if url is None or not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is not None:
+        return url
+    return "postgresql+psycopg://" + url[len("postgresql://"):]
+
+
+def _shown(url: str) -> str:
+    """``url`` with its password starred, for messages."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+class AdvisoryLock:
+    """One PostgreSQL session-level advisory lock per database, shared by every process.
+
+    Held on a connection of its own, so the server drops it when the holder's
+    connection dies (a killed process never leaves the study locked).
+    Re-entrant within a process, like the file lock it stands in for.
+    """
+
+    KEY = 0x0F5A_0B7E  # any constant: every process must ask for the same one
+
+    def __init__(self, url: str, timeout: float = LOCK_TIMEOUT):
+        self.url, self.timeout = postgres_driver(url), timeout
+        self._engine = self._conn = None
+        self._depth = 0
+
+    def acquire(self) -> None:
+        import sqlalchemy
+
+        if self._depth:
+            self._depth += 1
+            return
+        if self._engine is None:
+            self._engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
+        self._conn = self._engine.connect()
+        deadline = time.monotonic() + self.timeout
+        try_lock = sqlalchemy.text("SELECT pg_try_advisory_lock(:key)")
+        while not self._conn.execute(try_lock, {"key": self.KEY}).scalar():
+            self._conn.rollback()
+            if time.monotonic() > deadline:
+                self._conn.close()
+                raise filelock.Timeout(f"advisory lock {self.KEY} of {_shown(self.url)}")
+            time.sleep(0.02)
+        self._conn.commit()
+        self._depth = 1
+
+    def release(self) -> None:
+        import sqlalchemy
+
+        self._depth -= 1
+        if self._depth == 0:
+            try:
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"),
+                                   {"key": self.KEY})
+                self._conn.commit()
+            finally:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> AdvisoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
@@ -181,3 +279,25 @@ def requeue_killed(study: optuna.Study) -> int:
                 RETRY_OF: trial.number, ATTEMPT: attempt(trial) + 1})
             queued += 1
     return queued
+
+
+REFIT = "refit"
+
+
+def claim_refit(storage: None | str | optuna.storages.BaseStorage, study_name: str, key: str,
+                *, since: float, worker: str) -> str | None:
+    """Claim the refit of a finished search; None if ``worker`` got it, else who has it.
+
+    Workers sharing a study each finish the search; the first to claim ``key``
+    (the best trial and the count of finished trials) refits, the others stop.
+    A claim made before ``since`` (the start of this run) belongs to an earlier
+    run, which may have been killed while refitting: it is taken over.
+    """
+    storage = get_storage(storage)
+    with study_lock(storage):
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        claim = study.user_attrs.get(REFIT) or {}
+        if claim.get("key") == key and claim.get("at", 0) >= since and claim["by"] != worker:
+            return claim["by"]
+        study.set_user_attr(REFIT, {"key": key, "by": worker, "at": time.time()})
+    return None

@@ -53,9 +53,9 @@ from classifiers.cv import Fold, cross_val_proba
 from classifiers.errors import ClassifierError
 from classifiers.metrics import Objective, score
 from classifiers.registry import create_head, get_head_spec
-from classifiers.studies import (FAIL_REASON, GRACE_SECONDS, LOCK_TIMEOUT, TrialSeededSampler,
-                                 counted_failures, get_storage, is_killed, requeue_killed,
-                                 study_lock)
+from classifiers.studies import (FAIL_REASON, GRACE_SECONDS, LOCK_TIMEOUT, WORKER,
+                                 TrialSeededSampler, counted_failures, get_storage, is_killed,
+                                 requeue_killed, study_lock, worker_name)
 from classifiers.workers import FoldWorker
 
 __all__ = ["TuningError", "TuningResult", "get_storage", "head_fixed_params", "select_ensemble",
@@ -104,6 +104,8 @@ class TuningResult:
     trial_seconds: list[float] = field(default_factory=list)
     """Durations of the trials that completed in this call."""
     fail_reasons: list[str] = field(default_factory=list)
+    best_trial: int | None = None
+    """Number of the best trial in the study (None without a search)."""
 
 
 @dataclass
@@ -250,6 +252,7 @@ class _Tuning:
 
     def objective(self, trial: optuna.Trial) -> float:
         started, self.current = time.perf_counter(), trial.number
+        trial.set_user_attr(WORKER, worker_name())  # which of the workers sharing the study ran it
         try:
             try:
                 params = {**self.spec.search_space(trial), **self.fixed}
@@ -370,7 +373,7 @@ class _Tuning:
             self.problem.head, params, float(best.value), oof, self.study.study_name,
             n_complete=states[TrialState.COMPLETE], n_pruned=states[TrialState.PRUNED],
             n_failed=len(fails), n_resumed=self.resumed, n_retried=self.retried,
-            trial_seconds=list(self.durations), fail_reasons=fails)
+            trial_seconds=list(self.durations), fail_reasons=fails, best_trial=best.number)
 
 
 def _past(deadline: float | None) -> bool:

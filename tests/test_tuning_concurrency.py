@@ -60,11 +60,9 @@ def test_two_processes_on_one_new_study_run_exactly_n_trials_without_duplicates(
     assert all(r["n_complete"] + r["n_pruned"] == 8 and r["n_failed"] == 0 for r in results)
 
 
-def test_a_trial_killed_while_running_is_retried_and_does_not_count(tmp_path):
-    url = f"sqlite:///{tmp_path / 'optuna.sqlite'}"
-    marker = tmp_path / "hanging"
-    worker = start_worker(url=url, study="killed", n_trials=4, hang_at=2,
-                          hang_marker=str(marker))
+def kill_in_trial_2(url: str, study: str, marker: Path) -> None:
+    """Start a worker on ``study`` (4 trials) and kill -9 it in the middle of trial 2."""
+    worker = start_worker(url=url, study=study, n_trials=4, hang_at=2, hang_marker=str(marker))
     deadline = time.monotonic() + 90
     while not marker.exists():
         assert worker.poll() is None, worker.communicate()[1][-3000:]
@@ -72,6 +70,11 @@ def test_a_trial_killed_while_running_is_retried_and_does_not_count(tmp_path):
         time.sleep(0.1)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
+
+
+def test_a_trial_killed_while_running_is_retried_and_does_not_count(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.sqlite'}"
+    kill_in_trial_2(url, "killed", tmp_path / "hanging")
     killed = trials_of(url, "killed")[2]
     assert killed.state == TrialState.RUNNING and killed.params
 

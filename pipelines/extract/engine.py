@@ -101,12 +101,14 @@ class FeatureEngine:
         for batch in iter_batches(tasks, s.recipe, batch_size=s.batch_size,
                                   workers=s.decode_threads):
             n = len(batch.rows)
-            features = {}
-            if n:
-                outputs = self.predict(batch.pixels)
-                features = {pool: np.asarray(out[:n], dtype=np.float32)
-                            for pool, out in zip(s.pools, outputs)}
-            yield Result(batch.rows, features, batch.errors)
+            yield Result(batch.rows, self.embed(batch.pixels, n) if n else {}, batch.errors)
+
+    def embed(self, pixels: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        """``{pool: (n, feature_dim) float32}`` of the first ``n`` views of one full batch
+        ``pixels (batch_size, size, size, 3)`` (the rest is padding)."""
+        outputs = self.predict(pixels)
+        return {pool: np.asarray(out[:n], dtype=np.float32)
+                for pool, out in zip(self.settings.pools, outputs)}
 
 
 def accelerator_present() -> bool:

@@ -50,6 +50,8 @@ POOL_CHOICES = ("max", "avg", "both")
 #: ``--format`` choices: each registered table format alone, or ``both`` (all of them).
 FORMAT_CHOICES = {**{name: (name,) for name in FORMATS}, "both": tuple(FORMATS)}
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_BAD_INPUT = 0, 3, 2
+#: ``local`` (this machine's processes) or ``ray`` (Ray Data, ``pipelines.extract.ray_engine``).
+ENGINES = ("local", "ray")
 
 
 @dataclasses.dataclass
@@ -98,6 +100,14 @@ class ExtractConfig:
     """Files with more pixels than this are refused (errors table) without decoding."""
     progress: bool = True
     """Show a progress bar with images/s and ETA."""
+    engine: str = "local"
+    """:data:`ENGINES` name: ``ray`` reads, decodes and embeds on a Ray cluster."""
+    ray_address: str | None = None
+    """Ray engine: ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``; None starts a local cluster."""
+    actors: int = 2
+    """Ray engine: backbone actors."""
+    gpus_per_actor: float = 0.0
+    """Ray engine: GPUs each actor reserves."""
 
     @property
     def pools(self) -> tuple[str, ...]:
@@ -152,11 +162,15 @@ class ExtractResult:
 def run_extract(config: ExtractConfig) -> ExtractResult:
     """Extract the missing rows of every requested pooling's table."""
     _check_config(config)
+    if config.engine == "ray" and config.ray_address:
+        from pipelines.extract.ray_engine import check_reachable
+
+        check_reachable(config.ray_address)  # before a scan, not after it
     recipe = Recipe.from_config(config)
     store = Store(config.store)
     manifest = _manifest_for(store, config)
     lineages = recipe.lineages()
-    merged = {} if config.shard else _merge_shards(store, lineages)
+    merged = {} if config.shard else _merge_shards(store, lineages, config.engine)
     workers = config.workers or default_workers()
     with contextlib.ExitStack() as stack:
         writers = {pool: stack.enter_context(store.writer(
@@ -170,9 +184,14 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         errors_log = stack.enter_context(ErrorLog(store, [lin.key for lin in lineages.values()]))
         workers = min(workers, max(1, len(plan.tasks)))
         written, errors, seconds = 0, [], 0.0
-        if plan.tasks:
+        if plan.tasks and config.engine == "ray":
+            written, errors, seconds = _execute_ray(config, recipe, plan, writers, errors_log)
+            workers = config.actors
+        elif plan.tasks:
             written, errors, seconds = _execute(config, recipe, plan, writers, errors_log,
                                                 workers)
+    if config.engine == "ray":  # the actors' parts, once the table writers are closed
+        _merge_shards(store, lineages, config.engine)
     return ExtractResult(
         tables={pool: lin.key for pool, lin in lineages.items()}, images=plan.images,
         views_total=plan.views_total, views_skipped=plan.views_done, views_written=written,
@@ -211,6 +230,15 @@ def _execute(config, recipe: Recipe, plan: Plan, writers, errors_log, workers):
     return written, errors, time.perf_counter() - ready[0]
 
 
+def _execute_ray(config, recipe: Recipe, plan: Plan, writers, errors_log):
+    from pipelines.extract import ray_engine
+
+    formats = next(iter(writers.values())).formats
+    with tqdm(total=plan.views_todo, unit="img", disable=not config.progress,
+              desc=f"extract {recipe.backbone} on ray", smoothing=0.05) as bar:
+        return ray_engine.execute(config, recipe, plan, formats, errors_log, bar.update)
+
+
 def _append(writer, existing: set, rows, features) -> None:
     """Append the rows this table lacks (a crash may leave the tables one part apart)."""
     keep = [i for i, row in enumerate(rows) if (row.image_id, row.aug_id) not in existing]
@@ -242,6 +270,14 @@ def _check_config(config: ExtractConfig) -> None:
         raise ValueError(f"workers must be >= 1 (or None for automatic); got {config.workers}.")
     if config.shard is not None:
         parse_shard(config.shard)
+    _one_of("engine", config.engine, ENGINES)
+    if config.engine == "ray" and config.shard is not None:
+        raise ValueError("shard splits the work by hand; engine ray plans the whole manifest "
+                         "and spreads it over the cluster: give one or the other.")
+    if config.actors < 1:
+        raise ValueError(f"actors must be >= 1; got {config.actors}.")
+    if not config.gpus_per_actor >= 0:
+        raise ValueError(f"gpus_per_actor must be >= 0; got {config.gpus_per_actor}.")
 
 
 def _one_of(name, value, allowed) -> None:
@@ -266,8 +302,12 @@ def _manifest_for(store: Store, config: ExtractConfig):
     return manifest
 
 
-def _merge_shards(store: Store, lineages: dict) -> dict:
+def _merge_shards(store: Store, lineages: dict, engine: str = "local") -> dict:
     """Merge finished shard parts of these tables (a run without --shard is the commit)."""
+    if engine == "ray":
+        from pipelines.extract.ray_engine import commit_parts
+
+        return commit_parts(store, lineages)
     total = {"rows": 0, "duplicates": 0, "merged": []}
     for lin in lineages.values():
         if table_pending(store.table_dir(lin)).is_dir():
@@ -326,10 +366,18 @@ class _CommandFailed(click.ClickException):
 @click.option("--commit-seconds", default=60.0, show_default=True,
               type=click.FloatRange(min=0, min_open=True),
               help="Also commit a part once its oldest row has waited this long.")
+@click.option("--engine", default="local", show_default=True, type=click.Choice(ENGINES),
+              help="local: this machine's processes; ray: Ray Data on a Ray cluster.")
+@click.option("--ray-address", default=None, metavar="auto|HOST:PORT|ray://HOST:PORT",
+              help="Ray cluster to join [default: start a single-node one on this machine].")
+@click.option("--actors", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Ray engine: backbone actors.")
+@click.option("--gpus-per-actor", default=0.0, show_default=True,
+              type=click.FloatRange(min=0), help="Ray engine: GPUs each actor reserves.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def command(dataset, store, backbone, pool, weights, image_size, augment, augment_preset,
             augment_splits, seed, batch_size, format_, shard, workers, precision, runtime,
-            commit_seconds, quiet):
+            commit_seconds, engine, ray_address, actors, gpus_per_actor, quiet):
     """Extract backbone features of the images in DATASET into feature tables in STORE.
 
     Rerunning the same command extracts only the missing rows (after a crash or
@@ -342,7 +390,8 @@ def command(dataset, store, backbone, pool, weights, image_size, augment, augmen
         image_size=image_size, augment=augment, augment_preset=augment_preset,
         augment_splits=tuple(augment_splits), seed=seed, batch_size=batch_size,
         format=format_, shard=shard, workers=workers, precision=precision, runtime=runtime,
-        commit_seconds=commit_seconds, progress=not quiet)
+        commit_seconds=commit_seconds, engine=engine, ray_address=ray_address, actors=actors,
+        gpus_per_actor=gpus_per_actor, progress=not quiet)
     try:
         result = run_extract(config)
     except (FeatureStoreError, ValueError) as err:

@@ -40,6 +40,7 @@ from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
 from featurestore._io import atomic_write, utc_now
 from featurestore.views import View, ViewStore, apply_view
 from pipelines.heads.leaderboard import format_leaderboard, update_leaderboard
+from pipelines.heads.shared import refit_claimant, run_workers
 from pipelines.heads.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, save_model
 
 SEARCHES = ("optuna", "none")
@@ -84,6 +85,11 @@ class FitHeadsConfig:
     """Cleaned view to train on (``featurestore audit-labels``): its drops and relabels
     apply to the train split; the held-out split changes only if the view says it
     covers held-out images."""
+    workers: int = 1
+    """Local worker processes sharing each head's study (see ``pipelines.heads.shared``)."""
+    since: float | None = None
+    """Start (``time.time()``) of the run this worker belongs to; refit claims older than
+    it are an earlier run's. None: now."""
 
 
 @dataclass
@@ -106,6 +112,8 @@ class FitHeadsResult:
     eval_split: str | None
     heads: dict[str, HeadResult] = field(default_factory=dict)
     leaderboard: pd.DataFrame | None = None
+    refit_elsewhere: dict[str, str] = field(default_factory=dict)
+    """Heads refit by another worker sharing the study: head -> that worker."""
 
 
 def parse_class_weight(value: str | dict | None) -> str | dict | None:
@@ -157,6 +165,8 @@ def _check_config(config: FitHeadsConfig) -> None:
                                 f"got {config.timeout}.")
     if not 0 <= config.seed < 2**32:
         raise FeatureStoreError(f"seed must be between 0 and 2**32 - 1; got {config.seed}.")
+    if config.workers < 1:
+        raise FeatureStoreError(f"workers must be >= 1; got {config.workers}.")
     if config.eval_split not in (None, "val", "test"):
         raise FeatureStoreError(f"eval_split must be val or test; got {config.eval_split!r}.")
 
@@ -164,6 +174,9 @@ def _check_config(config: FitHeadsConfig) -> None:
 def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -> FitHeadsResult:
     """Search, threshold, refit, evaluate and save every head of ``config.heads``."""
     _check_config(config)
+    if config.workers > 1:
+        return run_workers(config, echo)
+    since = config.since or time.time()
     store = Store(config.store, create=False)
     view = ViewStore(store).get(config.view) if config.view else None
     with store.open(config.table) as reader:
@@ -207,6 +220,12 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
             fixed_params=fixed, storage=storage, search=config.search == "optuna",
             study_name=study_name(lineage.key, head, objective, cv=config.cv,
                                   seed=config.seed, fixed_params=study_fixed))
+        claimant = refit_claimant(storage, search, since)
+        if claimant:
+            result.refit_elsewhere[head] = claimant
+            echo(f"\n== {head}: search of study {search.study_name} finished; "
+                 f"worker {claimant} refits and saves it.")
+            continue
         head_result = _finish_head(store, lineage, head, search, objective, classes,
                                    (X, y, groups, y_enc, ids, fold_of), held_out, config, view)
         result.heads[head] = head_result
@@ -390,6 +409,9 @@ class _CommandFailed(click.ClickException):
               help="balanced, none, or label:weight pairs such as 0:3,1:1.")
 @click.option("--storage", default=None,
               help="Optuna storage URL [default: sqlite:///STORE/optuna.sqlite].")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local processes sharing each head's study (use a PostgreSQL --storage "
+                   "to add workers on other machines).")
 @click.option("--n-jobs", type=click.IntRange(min=1), default=None,
               help="Threads per fit (xgboost, knn) [default: the library's].")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
@@ -398,13 +420,14 @@ class _CommandFailed(click.ClickException):
 @click.option("--view", default=None,
               help="Train on this cleaned view (featurestore audit-labels --list-views).")
 def command(store, table, heads, search, n_trials, timeout, cv, metric, positive_class,
-            min_recall, class_weight, storage, n_jobs, seed, eval_split, view):
+            min_recall, class_weight, storage, workers, n_jobs, seed, eval_split, view):
     """Tune classifier heads on a feature table and compare them on a leaderboard."""
     config = FitHeadsConfig(
         store=store, table=table, heads=[h.strip() for h in heads.split(",") if h.strip()],
         search=search, n_trials=n_trials, timeout=timeout, cv=cv, metric=metric,
         positive_class=positive_class, min_recall=min_recall, class_weight=class_weight,
-        storage=storage, n_jobs=n_jobs, seed=seed, eval_split=eval_split, view=view)
+        storage=storage, workers=workers, n_jobs=n_jobs, seed=seed, eval_split=eval_split,
+        view=view)
     try:
         result = run_fit_heads(config, echo=click.echo)
     except (FeatureStoreError, ClassifierError, ValueError) as err:

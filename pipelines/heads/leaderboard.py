@@ -41,6 +41,8 @@ def _with_view(board: pd.DataFrame) -> pd.DataFrame:
 
 def update_leaderboard(store: Store, rows: list[dict]) -> pd.DataFrame:
     """Insert or replace ``rows`` (dicts with at least :data:`KEY_COLUMNS`); returns the board."""
+    if not rows:  # a worker whose heads were all refit by other workers
+        return read_leaderboard(store)
     path = store.paths.leaderboard
     with FileLock(str(path) + ".lock"):
         board = read_leaderboard(store)

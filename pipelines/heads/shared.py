@@ -1,0 +1,72 @@
+"""One head search shared by several fit-heads workers: local worker processes, one refit.
+
+Workers (``fit-heads --workers N`` on one machine, or the same command run on
+several machines with one ``--storage postgresql://...``) share each head's
+Optuna study (:mod:`classifiers.studies`): trials are counted and started
+under one lock, so none is duplicated, and a killed worker's trial is retried
+once its heartbeat is stale. Every worker waits for the study to finish; then
+the first to claim the refit (:func:`classifiers.studies.claim_refit`) fits,
+evaluates and saves the head, and the others stop, so models and leaderboard
+rows never clash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+
+from classifiers.studies import claim_refit, get_storage, worker_name
+from classifiers.tuning import TuningResult
+
+
+def refit_claimant(storage: str, search: TuningResult, since: float) -> str | None:
+    """None if this worker refits the head of ``search``, else the worker that does."""
+    if search.study_name is None:  # no search (``--search none``): nothing is shared
+        return None
+    key = f"trial {search.best_trial} of {search.n_complete + search.n_pruned}"
+    return claim_refit(storage, search.study_name, key, since=since, worker=worker_name())
+
+
+def run_workers(config, echo: Callable[[str], None] = print):
+    """``run_fit_heads`` in ``config.workers`` local processes sharing one storage.
+
+    Each worker gets ``cpu_count // workers`` BLAS/OpenMP threads, so the
+    workers do not fight over cores. Returns the merged ``FitHeadsResult``:
+    each head as saved by the worker that refit it.
+    """
+    if config.storage:
+        get_storage(config.storage)  # an unreachable server fails once, not in every worker
+    one = dataclasses.replace(config, workers=1, since=config.since or time.time())
+    threads = max(1, (os.cpu_count() or 1) // config.workers)
+    # spawn: a forked child would inherit TensorFlow's threads, which it does not support.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_limit_threads,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(_run_one, one, k) for k in range(config.workers)]
+        results = [future.result() for future in futures]
+    merged = results[0]
+    for result in results[1:]:
+        merged.heads.update(result.heads)
+        merged.refit_elsewhere.update(result.refit_elsewhere)
+    from pipelines.heads.leaderboard import read_leaderboard
+
+    merged.leaderboard = read_leaderboard(config.store)
+    return merged
+
+
+def _limit_threads(threads: int) -> None:
+    import threadpoolctl
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    threadpoolctl.threadpool_limits(threads)
+
+
+def _run_one(config, k: int):
+    from pipelines.heads.fit import run_fit_heads
+
+    return run_fit_heads(config, echo=lambda line: print(
+        "\n".join(f"[worker {k}] {part}" for part in line.split("\n")), flush=True))
