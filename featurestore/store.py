@@ -154,6 +154,14 @@ class Store:
         writers = tuple(sorted(p.name for p in pending.iterdir())) if pending.is_dir() else ()
         return TableInfo(lineage.key, lineage, formats, rows, dimension, size, writers)
 
+    def scores(self, *, model: str | None = None, image_ids=None):
+        """Scores that ``ingest`` wrote, as a :class:`pandas.DataFrame`: image_id, model,
+        model_version, predicted, threshold, scored_at, proba_<label>... (see
+        :func:`featurestore.scores.read_scores`)."""
+        from featurestore.scores import read_scores
+
+        return read_scores(self.paths.scores, model=model, image_ids=image_ids)
+
     def tables(self) -> list[TableInfo]:
         """A :class:`TableInfo` for every table."""
         return [self.info(lin) for lin in self.lineages()]

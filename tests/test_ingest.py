@@ -1,0 +1,122 @@
+"""ingest end to end on a real tiny store: new digit scans enter every table, index and score."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from featurestore import Store, TableReader
+from featurestore._io import hash_file
+from featurestore.index import SimilarityIndex
+from featurestore.splits import INBOX
+from pipelines.cli import main
+from pipelines.ingest.run import IngestConfig, run_ingest
+from tests.ingest_store import MODEL, TABLE, build_store
+
+QUIET = dict(echo=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def living(tmp_path_factory):
+    return build_store(tmp_path_factory.mktemp("ingest"), new_scans=8)
+
+
+def _rows(living):
+    with Store(living.store).open(TABLE) as reader:
+        return reader.metadata()
+
+
+def test_new_scans_reach_table_index_and_scores_and_a_rerun_is_a_noop(living, tmp_path):
+    from pipelines.heads.predict import PredictConfig, run_predict
+
+    before = len(_rows(living))
+    first = run_ingest(IngestConfig(paths=living.scans[:3], store=living.store), **QUIET)
+    assert [o.new for o in first.outcomes] == [True] * 3 and first.exit_code == 0
+    rows = _rows(living)
+    ids = [o.image_id for o in first.outcomes]
+    added = rows.iloc[before:]
+    assert list(added["image_id"]) == ids and set(added["split"]) == {INBOX}
+    assert set(added["label"]) == {""}
+    with Store(living.store).open(TABLE) as reader:  # the index learnt the rows: not stale
+        assert SimilarityIndex.load(reader).rows == before + 3
+    scores = Store(living.store).scores(model=f"{living.key}/logreg").set_index("image_id")
+    predicted = run_predict(PredictConfig(inputs=living.scans[:3], store=living.store,
+                                          model=MODEL, out=tmp_path / "p.csv", progress=False),
+                            **QUIET).frame.set_index("image_id")
+    columns = ["proba_3", "proba_8"]
+    np.testing.assert_array_equal(scores.loc[ids, columns], predicted.loc[ids, columns])
+    assert list(scores.loc[ids, "predicted"]) == list(predicted.loc[ids, "predicted"])
+    inbox = Store(living.store).manifest().ingested(ids)
+    assert set(inbox["split"]) == {INBOX} and (living.store / "ingested").is_dir()
+
+    again = run_ingest(IngestConfig(paths=living.scans[:4], store=living.store), **QUIET)
+    assert [o.new for o in again.outcomes] == [False, False, False, True]
+    assert "3 already in the store (nothing to do)" in again.summary()
+    assert len(_rows(living)) == before + 4
+    assert len(Store(living.store).scores()) == 4  # one per image and model version
+
+
+def test_cli_labelled_ingest_scores_listing_and_bad_input(living):
+    runner = CliRunner()
+    result = runner.invoke(main, ["ingest", str(living.scans[4]), "--store", str(living.store),
+                                  "--label", "8", "--split", "val"])
+    assert result.exit_code == 0, result.output
+    assert "1 new" in result.output
+    row = _rows(living).iloc[-1]
+    assert (row["label"], row["split"]) == ("8", "val")
+    listing = runner.invoke(main, ["scores", "--store", str(living.store)])
+    assert listing.exit_code == 0 and "logreg" in listing.output
+    bad = runner.invoke(main, ["ingest", str(living.scans[5]), "--store", str(living.store),
+                               "--split", "test"])
+    assert bad.exit_code == 2 and bad.output.startswith("Error: split 'test' needs a label")
+    assert len(bad.output.strip().splitlines()) == 1
+    text = living.root / "notes.png"
+    text.write_text("not an image")
+    failed = runner.invoke(main, ["ingest", str(text), "--store", str(living.store)])
+    assert failed.exit_code == 2 and "not an image" in failed.output
+
+
+def test_inbox_rows_never_train_evaluate_or_audit(living):
+    from pipelines.audit.run import AuditLabelsConfig, run_audit_labels
+    from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+    from pipelines.similar.evaluate import EvalSearchConfig, run_eval_search
+
+    run_ingest(IngestConfig(paths=living.scans[5:7], store=living.store), **QUIET)
+    rows = _rows(living)
+    inbox = set(rows.loc[rows["split"] == INBOX, "image_id"])
+    assert len(inbox) >= 2
+    fit = run_fit_heads(FitHeadsConfig(store=living.store, table=TABLE, heads=["logreg"],
+                                       search="none", cv=3), **QUIET)
+    folder = fit.heads["logreg"].model_dir
+    for name in ("oof.parquet", "heldout.parquet"):
+        assert inbox.isdisjoint(pd.read_parquet(folder / name)["image_id"]), name
+    audit = run_audit_labels(AuditLabelsConfig(store=living.store, table=TABLE, neighbours=0), **QUIET)
+    assert inbox.isdisjoint(audit.ranking["image_id"])
+    search = run_eval_search(EvalSearchConfig(store=living.store, ks=(5,)))
+    assert set(search["label"]) == {"3", "8", "all"}
+    assert search["n_queries"].max() == len(rows) - len(inbox)
+
+
+def test_two_concurrent_ingests_of_overlapping_files_leave_one_row_per_key(living):
+    rows = _rows(living)
+    files = [str(p) for p in living.scans[5:]]
+    new = {hash_file(p) for p in files} - set(rows["image_id"])
+    assert new  # the last scan at least is new to both ingests
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "featurestore", "ingest", "--store", str(living.store)]
+    procs = [subprocess.Popen(cmd + files, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    after = _rows(living)
+    assert len(after) == len(rows) + len(new)
+    rows = after
+    assert not rows.duplicated(["image_id", "aug_id"]).any()
+    scores = Store(living.store).scores()
+    assert not scores.duplicated(["image_id", "model", "model_version"]).any()
+    with TableReader(Store(living.store).table_dir(Store(living.store).resolve(TABLE))) as r:
+        assert SimilarityIndex.load(r).rows == len(rows)
