@@ -27,10 +27,12 @@ def _register():
     from pipelines.ingest import scores
     from pipelines.report import run as report
     from pipelines.similar import evaluate as eval_search
+    from pipelines.serve import run as serve
     from pipelines.similar import index, near_duplicates, search
 
     for module in (demo, scan, extract, fit_heads, audit_labels, tables, index, search,
-                   eval_search, near_duplicates, predict, report, ingest, scores):
+                   eval_search, near_duplicates, predict, report, ingest, scores,
+                   serve):
         # Every command: a full disk or a dead worker is one line, not a traceback.
         module.command.callback = one_line_failures(module.command.callback)
         main.add_command(module.command)

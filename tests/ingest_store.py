@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 TABLE = "densenet121/max"
 MODEL = "densenet121/max/logreg"
 
@@ -33,3 +35,16 @@ def build_store(root: Path, *, per_class: int = 20, new_scans: int = 6) -> Simpl
     scans = write_new_scans(root / "new", size=32, count=new_scans)
     return SimpleNamespace(root=root, dataset=dataset, store=store, key=fit.table_key,
                            scans=scans)
+
+
+@pytest.fixture(scope="session")
+def living_store(tmp_path_factory):
+    """One store for test_ingest and test_serve (its build is most of their cost): each
+    module ingests its own scans (ingest 0-7, serve 8-18) and checks changes, not totals."""
+    from pipelines.audit.run import AuditLabelsConfig, run_audit_labels
+
+    living = build_store(tmp_path_factory.mktemp("living"), new_scans=19)
+    run_audit_labels(AuditLabelsConfig(store=living.store, table=TABLE, neighbours=0,
+                                       method="threshold", below=1.0, top=10),
+                     echo=lambda _: None)
+    return living

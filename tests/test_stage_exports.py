@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("extract", "heads", "audit", "report", "similar", "demo", "ingest")
+STAGES = ("extract", "heads", "audit", "report", "similar", "demo", "ingest", "serve")
 #: Which top-level packages each package may import: storage <- classifiers <- stages <- CLI.
 ALLOWED = {"featurestore": {"featurestore"}, "classifiers": {"classifiers"},
            "pipelines": {"featurestore", "classifiers", "pipelines"}}
