@@ -71,6 +71,13 @@ class IngestSession:
                                     f"this ingest does not extend; add their tables to --tables.")
         return cls(store, lineages, refs, **kw)
 
+    def warm(self) -> None:
+        """Build every table's backbone and load every head now, not at the first image."""
+        for lineage in self.lineages:
+            self.engines.get(lineage)
+        for ref in self.refs:
+            self.model(ref)
+
     def model(self, ref: ModelRef) -> tuple[SavedModel, str]:
         """The loaded head and its version (SHA-256 of its model.json), loaded once."""
         version = hash_file(ref.path / MODEL_JSON)
@@ -97,6 +104,8 @@ class IngestSession:
             failed = self._extend_tables(images)
             self._score([i for i in images if i not in failed])
             manifest.add_ingested(row for i, row in rows.items() if i not in known | failed.keys())
+        for image_id in failed.keys() - known:  # our copy of bytes that do not decode
+            images[image_id].file.unlink(missing_ok=True)
         for outcome in outcomes:
             if outcome.image_id in failed:
                 outcome.error, outcome.new = failed[outcome.image_id], False

@@ -19,8 +19,7 @@ from featurestore import FeatureStoreError, Store
 from featurestore.index import SimilarityIndex
 from featurestore.paths import INDEX_DIR
 from featurestore.reader import TableReader
-from pipelines.similar.search import (SearchConfig, group_codes, neighbour_frame, query_vector,
-                                      run_search)
+from pipelines.similar.search import SearchConfig, group_codes, neighbour_frame, run_search
 
 METRIC = "cosine"
 
@@ -33,6 +32,8 @@ class _Open:
     groups: np.ndarray
     codes: dict
     meta: pd.DataFrame
+    raw_rows: dict
+    """``{image_id: row}`` of the raw (aug_id 0) rows, which ``query_vector`` would pick."""
 
 
 class Searchers:
@@ -50,9 +51,10 @@ class Searchers:
         if opened is None:
             return run_search(SearchConfig(store=self.store.root, table=lineage.key,
                                            query=image_id, k=k))
-        if image_id not in opened.codes:
+        row = opened.raw_rows.get(image_id)
+        if row is None:
             raise FeatureStoreError(f"No image {image_id!r} in table {lineage.key}.")
-        vector, group = query_vector(opened.reader, image_id, opened.codes)
+        vector, group = opened.reader.read_features(np.array([row]))[0], opened.codes[image_id]
         result = opened.index.search(vector[None, :], k, query_groups=np.array([group]),
                                      base_groups=opened.groups)
         return neighbour_frame(opened.meta, result)
@@ -76,6 +78,9 @@ class Searchers:
                 return None  # stale: run_search searches the table exactly
             groups, codes = group_codes(reader)
             # The previous reader is left to the garbage collector: a request may still use it.
-            self._open[lineage.key] = _Open(stamp, reader, index, groups, codes,
-                                            reader.metadata())
+            meta = reader.metadata()
+            raw = np.flatnonzero(meta["aug_id"].to_numpy() == 0)
+            raw_rows = dict(zip(meta["image_id"].to_numpy()[raw], raw.tolist()))
+            self._open[lineage.key] = _Open(stamp, reader, index, groups, codes, meta,
+                                            raw_rows)
             return self._open[lineage.key]

@@ -75,6 +75,7 @@ class Service:
     @classmethod
     def open(cls, store: str | Path) -> Service:
         session = IngestSession.open(store)
+        session.warm()  # the first upload must not pay for the backbone
         _remove_partial_uploads(session.store.paths.ingested)
         return cls(session.store, Batcher(session), Searchers(session.store))
 
