@@ -1,8 +1,5 @@
 """ingest end to end on a real tiny store: new digit scans enter every table, index and score."""
 
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,8 +7,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from featurestore import Store, TableReader
-from featurestore._io import hash_file
+from featurestore import Store
 from featurestore.index import SimilarityIndex
 from featurestore.splits import INBOX
 from pipelines.cli import main
@@ -101,24 +97,3 @@ def test_inbox_rows_never_train_evaluate_or_audit(living):
     search = run_eval_search(EvalSearchConfig(store=living.store, ks=(5,)))
     assert set(search["label"]) == {"3", "8", "all"}
     assert search["n_queries"].max() == len(rows) - len(inbox)
-
-
-def test_two_concurrent_ingests_of_overlapping_files_leave_one_row_per_key(living):
-    rows = _rows(living)
-    files = [str(p) for p in living.scans[5:]]
-    new = {hash_file(p) for p in files} - set(rows["image_id"])
-    assert new  # the last scan at least is new to both ingests
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "featurestore", "ingest", "--store", str(living.store)]
-    procs = [subprocess.Popen(cmd + files, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    after = _rows(living)
-    assert len(after) == len(rows) + len(new)
-    rows = after
-    assert not rows.duplicated(["image_id", "aug_id"]).any()
-    scores = Store(living.store).scores()
-    assert not scores.duplicated(["image_id", "model", "model_version"]).any()
-    with TableReader(Store(living.store).table_dir(Store(living.store).resolve(TABLE))) as r:
-        assert SimilarityIndex.load(r).rows == len(rows)

@@ -8,9 +8,10 @@ a derived table kept up to date later would call with its own lineage.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from featurestore import Lineage, Store
@@ -36,12 +37,17 @@ class NewImage:
     """What the table's ``path`` column shows (the copy's path inside the store)."""
 
 
+#: Backbones built in this process, by engine settings: building one costs seconds, so
+#: every ingest session of a process (a server's, a notebook's runs) shares them.
+_BUILT: dict = {}
+_BUILDING = threading.Lock()
+
+
 @dataclass
 class Engines:
-    """Backbones built once per recipe and reused by every later batch (a server holds one)."""
+    """Backbones built once per recipe and process, reused by every later batch."""
 
     batch_size: int = 16
-    _engines: dict = field(default_factory=dict)
 
     def get(self, lineage: Lineage):
         from pipelines.extract.engine import FeatureEngine
@@ -49,9 +55,10 @@ class Engines:
 
         settings = engine_settings_for(lineage, batch_size=self.batch_size)
         key = repr(settings)
-        if key not in self._engines:
-            self._engines[key] = FeatureEngine(settings)
-        return settings, self._engines[key]
+        with _BUILDING:
+            if key not in _BUILT:
+                _BUILT[key] = FeatureEngine(settings)
+        return settings, _BUILT[key]
 
 
 def open_writer(store: Store, lineage: Lineage, *, timeout: float) -> TableWriter:
