@@ -15,7 +15,9 @@ Tables
     One row per image that ``featurestore ingest`` received (keyed by
     ``image_id``; its bytes are in ``STORE/ingested/``). ``split`` is ``inbox``
     for an image given without a label; ``name`` is the client's file name,
-    for display only and never used as a path.
+    for display only and never used as a path. A label attached later (a
+    labelled ingest of an inbox image) updates ``label``/``split`` and sets
+    ``labelled_at``; readers overlay it on the table rows, which stay as written.
 ``meta``
     JSON-encoded key/values: ``root``, ``layout``, ``seed``, ``val_fraction``,
     ``test_fraction``, ``last_scan_at``, ``schema_version``.
@@ -83,13 +85,14 @@ CREATE TABLE IF NOT EXISTS ingested (
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
     format TEXT NOT NULL,
-    added_at TEXT NOT NULL
+    added_at TEXT NOT NULL,
+    labelled_at TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 INGESTED_COLUMNS = ("image_id", "file", "name", "label", "split", "size_bytes", "width",
-                    "height", "format", "added_at")
+                    "height", "format", "added_at", "labelled_at")
 IMAGE_COLUMNS = (
     "path", "raw_path", "image_id", "label", "split", "size_bytes", "mtime_ns",
     "width", "height", "mode", "format", "missing", "added_at",
@@ -347,7 +350,7 @@ class Manifest:
     def add_ingested(self, rows: Iterable[Mapping]) -> int:
         """Insert ingested rows (mappings over :data:`INGESTED_COLUMNS`) in one transaction;
         an image id already there is kept as it is. Returns how many were added."""
-        values = [tuple(row[column] for column in INGESTED_COLUMNS) for row in rows]
+        values = [tuple(row.get(column) for column in INGESTED_COLUMNS) for row in rows]
         for row in values:
             if row[4] not in (*SPLITS, INBOX):
                 raise ValueError(f"split must be one of {', '.join((*SPLITS, INBOX))}; "
@@ -358,3 +361,34 @@ class Manifest:
                 f"INSERT OR IGNORE INTO ingested ({', '.join(INGESTED_COLUMNS)}) "
                 f"VALUES ({', '.join('?' * len(INGESTED_COLUMNS))})", values)
             return self._conn.total_changes - before
+
+    def attach_labels(self, image_ids: Iterable[str], label: str, split: str) -> dict[str, str]:
+        """Give inbox images ``label`` in ``split``, in one transaction. Returns
+        ``{image_id: ""}`` for each image labelled now, a reason for each refused one
+        (labelled already otherwise: that is what views are for); images already
+        labelled so are left out."""
+        ids = list(dict.fromkeys(image_ids))
+        marks = ", ".join("?" * len(ids))
+        found = self._conn.execute(
+            f"SELECT image_id, label, split, 1 FROM ingested WHERE image_id IN ({marks}) "
+            f"UNION ALL SELECT image_id, label, split, 0 FROM images WHERE image_id IN "
+            f"({marks}) AND missing = 0", ids * 2).fetchall() if ids else []
+        answer: dict[str, str] = {}
+        for image_id, old_label, old_split, ingested in found:
+            if (old_label, old_split) == (label, split) or image_id in answer:
+                continue
+            answer[image_id] = "" if ingested and old_split == INBOX else (
+                f"already labelled {old_label!r} in {old_split}; a label is changed through "
+                f"a view (featurestore audit-labels --apply), not by a new ingest")
+        now = utc_now()
+        with self.transaction():
+            self._conn.executemany(
+                "UPDATE ingested SET label = ?, split = ?, labelled_at = ? WHERE image_id = ? "
+                "AND split = ?", [(label, split, now, i, INBOX) for i, r in answer.items() if not r])
+        return answer
+
+    def attached_labels(self) -> pd.DataFrame:
+        """``image_id, label, split`` of the images labelled after their table rows were
+        written (see :meth:`attach_labels`); readers overlay them on those rows."""
+        return pd.read_sql_query("SELECT image_id, label, split FROM ingested WHERE "
+                                 "labelled_at IS NOT NULL", self._conn)

@@ -121,7 +121,19 @@ class Store:
 
     def open(self, query: TableQuery, *, format: str | None = None) -> TableReader:
         """A :class:`TableReader` for the table matching ``query``."""
-        return TableReader(self.table_dir(self.resolve(query)), format=format)
+        return TableReader(self.table_dir(self.resolve(query)), format=format,
+                           labels=self.attached_labels())
+
+    def attached_labels(self):
+        """Labels given to inbox images after their rows were written (``image_id, label,
+        split``; see :meth:`Manifest.attach_labels`); ``None`` when there are none."""
+        from featurestore.manifest import Manifest
+
+        if not self.paths.manifest.exists():
+            return None
+        with Manifest(self.paths.manifest) as manifest:
+            labels = manifest.attached_labels()
+        return labels if len(labels) else None
 
     def writer(self, lineage: Lineage, *, formats=("hdf5",), shard: str | None = None,
                writer_id: str | None = None, rows_per_part: int = 4096,

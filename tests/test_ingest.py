@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from featurestore import Store
+from featurestore import Store, TableReader
 from featurestore.index import SimilarityIndex
 from featurestore.splits import INBOX
 from pipelines.cli import main
@@ -97,3 +97,24 @@ def test_inbox_rows_never_train_evaluate_or_audit(living):
     search = run_eval_search(EvalSearchConfig(store=living.store, ks=(5,)))
     assert set(search["label"]) == {"3", "8", "all"}
     assert search["n_queries"].max() == len(rows) - len(inbox)
+
+
+def test_a_labelled_ingest_of_inbox_bytes_makes_them_training_data_for_the_next_fit(living):
+    scan = living.scans[7]
+    first = run_ingest(IngestConfig(paths=[scan], store=living.store), **QUIET).outcomes[0]
+    written = _rows(living).set_index("image_id").loc[first.image_id]
+    labelled = run_ingest(IngestConfig(paths=[scan], store=living.store, label="3"), **QUIET)
+    assert labelled.outcomes[0].labelled and not labelled.outcomes[0].new
+    assert "1 labelled" in labelled.summary()
+    store = Store(living.store)
+    assert store.manifest().ingested([first.image_id]).iloc[0][["label", "split"]].tolist() \
+        == ["3", "train"]
+    with TableReader(store.table_dir(store.resolve(TABLE))) as raw:  # the rows as written
+        assert raw.metadata().set_index("image_id").loc[first.image_id, "split"] == INBOX
+    with store.open(TABLE) as reader:  # what fit-heads reads: the label overlaid
+        train = reader.to_numpy(split="train")
+    ids = list(train.ids["image_id"])
+    assert first.image_id in ids and train.y[ids.index(first.image_id)] == "3"
+    assert written["split"] == INBOX
+    again = run_ingest(IngestConfig(paths=[scan], store=living.store, label="8"), **QUIET)
+    assert again.exit_code == 2 and "through a view" in again.outcomes[0].error

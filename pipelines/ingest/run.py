@@ -6,7 +6,10 @@ gets its raw row in every table (extracted with exactly that table's recipe),
 every index of those tables learns it, and every saved model on those tables
 scores it into ``STORE/scores.sqlite`` (``featurestore scores``). Without
 ``--label`` it lands in the ``inbox`` split, which training, cross-validation,
-evaluation and audits never read. Safe to run concurrently and to rerun after
+evaluation and audits never read, until a labelled ingest of the same bytes
+gives it its label ("labelled": readers overlay the label on its table rows, so
+the next fit trains on it; an image labelled otherwise already is refused, since
+labels are changed through views). Safe to run concurrently and to rerun after
 a kill (see :mod:`pipelines.ingest.session`).
 
 Exit status: 0 every file ingested (or already there); 3 some files failed
@@ -67,10 +70,12 @@ class IngestResult:
         return EXIT_FILE_ERRORS if self.errors else EXIT_OK
 
     def summary(self) -> str:
-        new = sum(o.new for o in self.outcomes)
-        known = len(self.outcomes) - new - len(self.errors)
+        new, labelled = (sum(o.new for o in self.outcomes),
+                         sum(o.labelled for o in self.outcomes))
+        known = len(self.outcomes) - new - labelled - len(self.errors)
         lines = [f"Ingested {len(self.outcomes)} file(s) in {self.seconds:.1f} s: {new} new, "
-                 f"{known} already in the store (nothing to do), {len(self.errors)} failed."]
+                 f"{labelled} labelled, {known} already in the store (nothing to do), "
+                 f"{len(self.errors)} failed."]
         lines += [f"  {o.path}: {o.error}" for o in self.errors]
         if self.skipped:
             lines.append(f"{len(self.skipped)} file(s) in the folders skipped (no image "

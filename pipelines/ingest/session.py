@@ -37,6 +37,8 @@ class Outcome:
     path: str
     image_id: str = ""
     new: bool = False
+    labelled: bool = False
+    """An inbox image given its label now (it becomes training data at the next fit)."""
     error: str = ""
 
 
@@ -99,8 +101,13 @@ class IngestSession:
                     images.setdefault(image.image_id, image)
                     rows.setdefault(image.image_id, row)
             known = manifest.known_image_ids(images)
+            attached = manifest.attach_labels(known & images.keys(), label, split) \
+                if label else {}
             for outcome in outcomes:
                 outcome.new = bool(outcome.image_id) and outcome.image_id not in known
+                if outcome.image_id in attached:
+                    outcome.error = attached[outcome.image_id]
+                    outcome.labelled = not outcome.error
             failed = self._extend_tables(images)
             self._score([i for i in images if i not in failed])
             manifest.add_ingested(row for i, row in rows.items() if i not in known | failed.keys())

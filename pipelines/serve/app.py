@@ -110,7 +110,7 @@ def _api(service: Service, settings: ServeSettings) -> APIRouter:
             raise UploadRejected(422, outcome.error)
         neighbours = await asyncio.to_thread(service.neighbours, outcome.image_id,
                                              settings.neighbours)
-        return {"image_id": outcome.image_id, "new": outcome.new,
+        return {"image_id": outcome.image_id, "new": outcome.new, "labelled": outcome.labelled,
                 "scores": service.scores(outcome.image_id), "neighbours": neighbours}
 
     @reads.get("/images/{image_id}")
