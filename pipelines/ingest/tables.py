@@ -23,6 +23,9 @@ from featurestore.writer import TableWriter
 
 #: Seconds between two tries to take a table's writer lock.
 _LOCK_POLL_S = 0.2
+#: Parts an ingest lets pile up before folding them into the table's single HDF5 file:
+#: a fold copies the whole file, so one per batch made a batch cost the table's size.
+CONSOLIDATE_AFTER_PARTS = 32
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def open_writer(store: Store, lineage: Lineage, *, timeout: float) -> TableWrite
     """The table's writer, waiting up to ``timeout`` seconds while another process holds it."""
     deadline = time.monotonic() + timeout
     while True:
-        writer = store.writer(lineage, formats=_formats(store, lineage))
+        writer = store.writer(lineage, formats=_formats(store, lineage), consolidate=False)
         try:
             return writer.open()
         except WriterLockedError:
@@ -82,7 +85,7 @@ def _formats(store: Store, lineage: Lineage) -> tuple[str, ...]:
 
 def append_to_table(store: Store, lineage: Lineage, images: Mapping[str, NewImage],
                     engines: Engines, *, timeout: float = 60.0) -> tuple[int, dict[str, str]]:
-    """Extract and append the raw row of every image the table lacks; then refresh its indexes.
+    """Extract and append the raw row of every image the table lacks; then extend its indexes.
 
     Each engine batch is committed as one part, so a kill loses at most the batch
     in flight and a rerun appends only what is still missing. Returns
@@ -106,14 +109,26 @@ def append_to_table(store: Store, lineage: Lineage, images: Mapping[str, NewImag
                     writer.flush()
                     added += len(rows)
                 failed.update((image_id, reason) for _, image_id, reason in batch.errors)
-        # Still under the writer lock: no other ingest can grow the table mid-rebuild.
+        # Still under the writer lock: no other ingest can grow the table meanwhile.
+        consolidate_if_many(writer)
         refresh_indexes(store, lineage)
     return added, failed
 
 
+def consolidate_if_many(writer: TableWriter) -> None:
+    """Fold the table's parts into its single file once :data:`CONSOLIDATE_AFTER_PARTS`
+    have piled up (call under the writer's lock)."""
+    from featurestore.formats import get_format
+
+    for name in writer.formats:
+        fmt = get_format(name)
+        if len(fmt.part_paths(writer.data_dir / name)) >= CONSOLIDATE_AFTER_PARTS:
+            fmt.consolidate(writer.data_dir / name, writer.lineage)
+
+
 def refresh_indexes(store: Store, lineage: Lineage) -> list[str]:
-    """Rebuild every saved index of the table that no longer covers all its rows
-    (same metric and kind). Returns the metrics rebuilt."""
+    """Extend every saved index of the table that no longer covers all its rows with
+    the rows it lacks (same metric and kind). Returns the metrics extended."""
     index_root = store.table_dir(lineage) / INDEX_DIR
     if not index_root.is_dir():
         return []
@@ -122,6 +137,6 @@ def refresh_indexes(store: Store, lineage: Lineage) -> list[str]:
         for folder in sorted(p for p in index_root.iterdir() if (p / "index.json").exists()):
             meta = json.loads((folder / "index.json").read_text())
             if meta["rows"] != len(reader):
-                SimilarityIndex.build(reader, metric=meta["metric"], kind=meta["kind"])
+                SimilarityIndex.extend(reader, metric=meta["metric"])
                 rebuilt.append(meta["metric"])
     return rebuilt
