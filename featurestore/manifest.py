@@ -384,7 +384,8 @@ class Manifest:
         with self.transaction():
             self._conn.executemany(
                 "UPDATE ingested SET label = ?, split = ?, labelled_at = ? WHERE image_id = ? "
-                "AND split = ?", [(label, split, now, i, INBOX) for i, r in answer.items() if not r])
+                "AND split = ?", [(label, split, now, i, INBOX) for i, why in answer.items()
+                                  if not why])
         return answer
 
     def attached_labels(self) -> pd.DataFrame:
