@@ -11,7 +11,9 @@ prints the figures): higher recall at the same speed and a faster build.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,11 @@ class SimilarityIndex:
     @property
     def kind(self) -> str:
         return self.meta["kind"]
+
+    @property
+    def vectors(self) -> np.ndarray | None:
+        """An exact index's prepared rows ``(rows, dimension)``, memory-mapped; None for HNSW."""
+        return self._base
 
     @property
     def metric(self) -> str:
@@ -111,6 +118,32 @@ class SimilarityIndex:
         return cls.load(reader, metric=metric)
 
     @classmethod
+    def extend(cls, reader: TableReader, *, metric: str = "cosine") -> SimilarityIndex:
+        """Add the rows the table gained since the index was saved, without rebuilding it.
+
+        An exact index appends the new prepared rows to ``vectors.npy`` in place and
+        rewrites its header; an HNSW index adds them to its graph. ``index.json`` is
+        written last, so a kill before it leaves the old index (extra rows past its
+        ``rows`` are ignored, then cut by the next extend).
+        """
+        directory = cls.path_for(reader, metric)
+        meta = json.loads((directory / "index.json").read_text())
+        if meta["rows"] > len(reader) or meta["table_key"] != reader.key:
+            return cls.build(reader, metric=metric, kind=meta["kind"])
+        new = _prepared(reader.read_features(np.arange(meta["rows"], len(reader))), metric)
+        if meta["kind"] == "exact":
+            if not _append_npy(directory / "vectors.npy", meta["rows"], new):
+                return cls.build(reader, metric=metric, kind="exact")
+        else:
+            hnsw = _faiss().read_index(str(directory / "hnsw.faiss"))
+            hnsw.add(np.ascontiguousarray(new, dtype=np.float32))
+            atomic_write(directory / "hnsw.faiss",
+                         lambda tmp: _faiss().write_index(hnsw, str(tmp)))
+        meta["rows"] = len(reader)
+        atomic_write_text(directory / "index.json", json.dumps(meta, indent=2))
+        return cls.load(reader, metric=metric)
+
+    @classmethod
     def load(cls, reader: TableReader, *, metric: str = "cosine") -> SimilarityIndex:
         """Open the saved index; refuses one built before the table grew."""
         directory = cls.path_for(reader, metric)
@@ -126,7 +159,8 @@ class SimilarityIndex:
                 f"table has {len(reader)}; rebuild it with `featurestore index`.")
         index = cls(directory, meta)
         if meta["kind"] == "exact":
-            index._base = np.load(directory / "vectors.npy", mmap_mode="r")
+            # An extend killed before index.json may have left rows past meta["rows"].
+            index._base = np.load(directory / "vectors.npy", mmap_mode="r")[: meta["rows"]]
         else:
             index._hnsw = _faiss().read_index(str(directory / "hnsw.faiss"))
             index._hnsw.hnsw.efSearch = meta["ef_search"]
@@ -167,8 +201,37 @@ def _prepared(X: np.ndarray, metric: str) -> np.ndarray:
 def _stream_npy(path: Path, shape: tuple[int, int], batches) -> None:
     """Write a float32 ``.npy`` of ``shape`` from row batches, one batch in memory."""
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                "fortran_order": False, "shape": shape})
+        f.write(_npy_header(shape))
         for batch in batches:
             f.write(memoryview(np.ascontiguousarray(batch, dtype=np.float32)))
+
+
+def _append_npy(path: Path, rows: int, new: np.ndarray) -> bool:
+    """Keep the first ``rows`` rows of the float32 ``.npy`` at ``path``, append ``new``
+    and rewrite the shape in its header; False (nothing changed) if the header grows."""
+    with open(path, "r+b") as f:
+        if np.lib.format.read_magic(f) != (1, 0):
+            return False
+        shape, _, _ = np.lib.format.read_array_header_1_0(f)
+        offset = f.tell()
+        header = _npy_header((rows + len(new), shape[1]))
+        if len(header) != offset or shape[1] != new.shape[1] or shape[0] < rows:
+            return False
+        f.truncate(offset + rows * shape[1] * 4)
+        f.seek(0, 2)
+        f.write(memoryview(np.ascontiguousarray(new, dtype=np.float32)))
+        f.flush()
+        os.fsync(f.fileno())  # the rows are on disk before the header counts them
+        f.seek(0)
+        f.write(header)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _npy_header(shape: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                 "fortran_order": False, "shape": shape})
+    return buffer.getvalue()

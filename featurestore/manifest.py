@@ -11,6 +11,13 @@ Tables
 ``rejected``
     Every entry of the folder that was not scanned, with the reason. Replaced at
     each scan.
+``ingested``
+    One row per image that ``featurestore ingest`` received (keyed by
+    ``image_id``; its bytes are in ``STORE/ingested/``). ``split`` is ``inbox``
+    for an image given without a label; ``name`` is the client's file name,
+    for display only and never used as a path. A label attached later (a
+    labelled ingest of an inbox image) updates ``label``/``split`` and sets
+    ``labelled_at``; readers overlay it on the table rows, which stay as written.
 ``meta``
     JSON-encoded key/values: ``root``, ``layout``, ``seed``, ``val_fraction``,
     ``test_fraction``, ``last_scan_at``, ``schema_version``.
@@ -40,7 +47,7 @@ from featurestore import _sqlite
 from featurestore._io import utc_now
 from featurestore.errors import FeatureStoreError
 from featurestore.layout import display, is_within
-from featurestore.splits import SPLITS
+from featurestore.splits import INBOX, SPLITS
 
 SCHEMA_VERSION = 1
 
@@ -68,9 +75,24 @@ CREATE TABLE IF NOT EXISTS rejected (
     size_bytes INTEGER,
     seen_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ingested (
+    image_id TEXT PRIMARY KEY,
+    file TEXT NOT NULL,
+    name TEXT NOT NULL,
+    label TEXT NOT NULL,
+    split TEXT NOT NULL CHECK (split IN ('train', 'val', 'test', 'inbox')),
+    size_bytes INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    added_at TEXT NOT NULL,
+    labelled_at TEXT
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+INGESTED_COLUMNS = ("image_id", "file", "name", "label", "split", "size_bytes", "width",
+                    "height", "format", "added_at", "labelled_at")
 IMAGE_COLUMNS = (
     "path", "raw_path", "image_id", "label", "split", "size_bytes", "mtime_ns",
     "width", "height", "mode", "format", "missing", "added_at",
@@ -300,3 +322,74 @@ class Manifest:
     def set_splits(self, assignments: Iterable[tuple[str, str]]) -> None:
         """Set the split of ``(path, split)`` pairs; inside a transaction."""
         self._conn.executemany("UPDATE images SET split = ? WHERE path = ?", [(s, p) for p, s in assignments])
+
+    # -- images received by featurestore ingest ---------------------------------------------
+
+    def ingested(self, image_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        """Rows of ``ingested`` (:data:`INGESTED_COLUMNS`), oldest first; all, or ``image_ids``."""
+        sql = f"SELECT {', '.join(INGESTED_COLUMNS)} FROM ingested"
+        params: list = []
+        if image_ids is not None:
+            params = list(image_ids)
+            sql += f" WHERE image_id IN ({', '.join('?' * len(params))})"
+        return pd.read_sql_query(sql + " ORDER BY added_at, image_id", self._conn, params=params)
+
+    def known_image_ids(self, image_ids: Iterable[str]) -> set[str]:
+        """Which of ``image_ids`` the manifest has, scanned or ingested."""
+        wanted = list(dict.fromkeys(image_ids))
+        found: set[str] = set()
+        for start in range(0, len(wanted), 500):  # SQLite's limit on bound parameters
+            chunk = wanted[start: start + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._conn.execute(
+                f"SELECT image_id FROM images WHERE image_id IN ({marks}) AND missing = 0 "
+                f"UNION SELECT image_id FROM ingested WHERE image_id IN ({marks})", chunk * 2)
+            found.update(row[0] for row in rows)
+        return found
+
+    def add_ingested(self, rows: Iterable[Mapping]) -> int:
+        """Insert ingested rows (mappings over :data:`INGESTED_COLUMNS`) in one transaction;
+        an image id already there is kept as it is. Returns how many were added."""
+        values = [tuple(row.get(column) for column in INGESTED_COLUMNS) for row in rows]
+        for row in values:
+            if row[4] not in (*SPLITS, INBOX):
+                raise ValueError(f"split must be one of {', '.join((*SPLITS, INBOX))}; "
+                                 f"got {row[4]!r}.")
+        with self.transaction():
+            before = self._conn.total_changes
+            self._conn.executemany(
+                f"INSERT OR IGNORE INTO ingested ({', '.join(INGESTED_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(INGESTED_COLUMNS))})", values)
+            return self._conn.total_changes - before
+
+    def attach_labels(self, image_ids: Iterable[str], label: str, split: str) -> dict[str, str]:
+        """Give inbox images ``label`` in ``split``, in one transaction. Returns
+        ``{image_id: ""}`` for each image labelled now, a reason for each refused one
+        (labelled already otherwise: that is what views are for); images already
+        labelled so are left out."""
+        ids = list(dict.fromkeys(image_ids))
+        marks = ", ".join("?" * len(ids))
+        found = self._conn.execute(
+            f"SELECT image_id, label, split, 1 FROM ingested WHERE image_id IN ({marks}) "
+            f"UNION ALL SELECT image_id, label, split, 0 FROM images WHERE image_id IN "
+            f"({marks}) AND missing = 0", ids * 2).fetchall() if ids else []
+        answer: dict[str, str] = {}
+        for image_id, old_label, old_split, ingested in found:
+            if (old_label, old_split) == (label, split) or image_id in answer:
+                continue
+            answer[image_id] = "" if ingested and old_split == INBOX else (
+                f"already labelled {old_label!r} in {old_split}; a label is changed through "
+                f"a view (featurestore audit-labels --apply), not by a new ingest")
+        now = utc_now()
+        with self.transaction():
+            self._conn.executemany(
+                "UPDATE ingested SET label = ?, split = ?, labelled_at = ? WHERE image_id = ? "
+                "AND split = ?", [(label, split, now, i, INBOX) for i, why in answer.items()
+                                  if not why])
+        return answer
+
+    def attached_labels(self) -> pd.DataFrame:
+        """``image_id, label, split`` of the images labelled after their table rows were
+        written (see :meth:`attach_labels`); readers overlay them on those rows."""
+        return pd.read_sql_query("SELECT image_id, label, split FROM ingested WHERE "
+                                 "labelled_at IS NOT NULL", self._conn)

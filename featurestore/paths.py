@@ -23,6 +23,8 @@
       extract_errors.sqlite        files that could not be extracted, and why
       search_eval.parquet          precision@k of every eval-search run
       report/index.html            the static HTML report
+      ingested/<id>.<ext>          bytes of the images that ingest received, by content hash
+      scores.sqlite                every ingested image scored by every saved model
 
 Stages never spell these names: they ask ``store.paths`` (a :class:`StorePaths`).
 The README's store diagram is checked against :data:`LAYOUT` by a test.
@@ -46,6 +48,8 @@ SEARCH_EVAL_FILE = "search_eval.parquet"
 REPORT_DIR = "report"
 OPENVINO_CACHE_DIR = "openvino"  # inside CACHE_DIR
 TRAINING_DIR = "training"
+INGESTED_DIR = "ingested"
+SCORES_FILE = "scores.sqlite"
 
 # Inside a table folder.
 LINEAGE_FILE = "lineage.json"
@@ -57,7 +61,8 @@ VERIFIER_FILE = "verifier.json"
 
 #: Top-level entries of a store, as the README's diagram names them.
 LAYOUT = (MANIFEST_FILE, TABLES_DIR, MODELS_DIR, TRAINING_DIR, LEADERBOARD_FILE, OPTUNA_FILE,
-          VIEWS_FILE, AUDITS_DIR, CACHE_DIR, EXTRACT_ERRORS_FILE, SEARCH_EVAL_FILE, REPORT_DIR)
+          VIEWS_FILE, AUDITS_DIR, CACHE_DIR, EXTRACT_ERRORS_FILE, SEARCH_EVAL_FILE, REPORT_DIR,
+          INGESTED_DIR, SCORES_FILE)
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,15 @@ class StorePaths:
     @property
     def report(self) -> Path:
         return self.root / REPORT_DIR
+
+    @property
+    def ingested(self) -> Path:
+        """Copies of the files ``ingest`` received, named ``<image_id><ext>``."""
+        return self.root / INGESTED_DIR
+
+    @property
+    def scores(self) -> Path:
+        return self.root / SCORES_FILE
 
 
 def table_pending(table_dir: Path) -> Path:

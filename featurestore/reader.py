@@ -63,10 +63,15 @@ class TableReader:
     format : str or None
         ``"hdf5"`` or ``"parquet"``; ``None`` takes HDF5 when present (the
         faster full read), else Parquet.
+    labels : DataFrame or None
+        ``image_id, label, split`` given to images after their rows were written
+        (inbox images labelled later, from the store's manifest): they override
+        those rows' ``label`` and ``split`` as read, and the files stay as written.
     """
 
-    def __init__(self, table_dir: Path, format: str | None = None):
+    def __init__(self, table_dir: Path, format: str | None = None, labels=None):
         self.table_dir = Path(table_dir)
+        self._labels = labels
         self.lineage: Lineage = read_table_lineage(self.table_dir)
         available = table_formats(self.table_dir)
         if format is not None and available and format not in available:
@@ -128,9 +133,17 @@ class TableReader:
                 f"Unknown column {name!r}; metadata columns are {', '.join(META_COLUMNS)}.")
         if name not in self._columns:
             parts = [seg.read_meta([name])[name] for seg in self._segments]
-            self._columns[name] = np.concatenate(parts) if parts else \
+            column = np.concatenate(parts) if parts else \
                 np.array([], dtype=np.int32 if name == "aug_id" else str)
+            self._columns[name] = self._overlay(name, column)
         return self._columns[name]
+
+    def _overlay(self, name: str, column: np.ndarray) -> np.ndarray:
+        if self._labels is None or name not in ("label", "split") or not len(column):
+            return column
+        later = pd.Series(self._labels[name].to_numpy(), index=self._labels["image_id"])
+        given = pd.Series(self.column("image_id")).map(later).to_numpy()
+        return np.where(pd.isna(given), column, given).astype(str)
 
     def metadata(self) -> pd.DataFrame:
         """Every row's metadata (:data:`~featurestore.rows.META_COLUMNS`), in row order."""

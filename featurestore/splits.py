@@ -20,6 +20,9 @@ from collections import Counter
 from typing import Mapping
 
 SPLITS = ("train", "val", "test")
+#: Split of the images that ``ingest`` received without a label: they are scored and
+#: searchable, but training, cross-validation, evaluation and audits read only SPLITS.
+INBOX = "inbox"
 
 
 def split_targets(val_fraction: float, test_fraction: float) -> dict[str, float]:

@@ -121,7 +121,19 @@ class Store:
 
     def open(self, query: TableQuery, *, format: str | None = None) -> TableReader:
         """A :class:`TableReader` for the table matching ``query``."""
-        return TableReader(self.table_dir(self.resolve(query)), format=format)
+        return TableReader(self.table_dir(self.resolve(query)), format=format,
+                           labels=self.attached_labels())
+
+    def attached_labels(self):
+        """Labels given to inbox images after their rows were written (``image_id, label,
+        split``; see :meth:`Manifest.attach_labels`); ``None`` when there are none."""
+        from featurestore.manifest import Manifest
+
+        if not self.paths.manifest.exists():
+            return None
+        with Manifest(self.paths.manifest) as manifest:
+            labels = manifest.attached_labels()
+        return labels if len(labels) else None
 
     def writer(self, lineage: Lineage, *, formats=("hdf5",), shard: str | None = None,
                writer_id: str | None = None, rows_per_part: int = 4096,
@@ -154,6 +166,14 @@ class Store:
         pending = table_pending(table_dir)
         writers = tuple(sorted(p.name for p in pending.iterdir())) if pending.is_dir() else ()
         return TableInfo(lineage.key, lineage, formats, rows, dimension, size, writers)
+
+    def scores(self, *, model: str | None = None, image_ids=None):
+        """Scores that ``ingest`` wrote, as a :class:`pandas.DataFrame`: image_id, model,
+        model_version, predicted, threshold, scored_at, proba_<label>... (see
+        :func:`featurestore.scores.read_scores`)."""
+        from featurestore.scores import read_scores
+
+        return read_scores(self.paths.scores, model=model, image_ids=image_ids)
 
     def tables(self) -> list[TableInfo]:
         """A :class:`TableInfo` for every table."""

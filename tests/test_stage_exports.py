@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("extract", "heads", "audit", "report", "similar", "demo", "embedding", "cnn",
-          "finetune", "explain")
+          "finetune", "explain", "ingest", "serve")
 #: Which top-level packages each package may import: storage <- classifiers <- stages <- CLI.
 ALLOWED = {"featurestore": {"featurestore"}, "classifiers": {"classifiers"},
            "pipelines": {"featurestore", "classifiers", "pipelines"}}

@@ -19,7 +19,7 @@ import numpy as np
 
 from featurestore import Lineage
 from featurestore.scan import hash_file
-from pipelines.extract.engine import EngineSettings, run_engine
+from pipelines.extract.engine import EngineSettings, FeatureEngine, run_engine
 from pipelines.extract.loader import ImageTask
 from pipelines.extract.recipe import Recipe
 
@@ -52,14 +52,17 @@ class FeatureBatch:
 
 def iter_feature_batches(files: Iterable[tuple[str | Path, str]], lineage: Lineage,
                          settings: EngineSettings, *, workers: int = 1,
-                         on_ready: Callable[[], None] | None = None) -> Iterator[FeatureBatch]:
+                         on_ready: Callable[[], None] | None = None,
+                         engine: FeatureEngine | None = None) -> Iterator[FeatureBatch]:
     """Features of ``(path, image_id)`` pairs, one :class:`FeatureBatch` per engine batch.
 
     ``image_id`` is the SHA-256 of the file (``hash_file``); a file whose bytes
     no longer hash to it when decoded is reported in ``errors``, never featurized.
     ``settings`` come from :func:`engine_settings_for` (so the weights were
     checked before this is called); ``workers > 1`` runs pinned worker
-    processes (see :func:`pipelines.engine.run_engine`).
+    processes (see :func:`pipelines.engine.run_engine`). ``engine``, an in-process
+    :class:`FeatureEngine` built from ``settings``, is reused instead (a server keeps
+    one per recipe so the backbone is built once).
     """
     # The engine checks that the bytes it decodes still hash to image_id, so a file
     # rewritten since it was hashed fails alone instead of scoring under the old id.
@@ -67,7 +70,9 @@ def iter_feature_batches(files: Iterable[tuple[str | Path, str]], lineage: Linea
                        aug_ids=(0,), hashed_at="it was hashed",
                        rehash_hint="rerun to use its new bytes")
              for path, image_id in files)
-    for result in run_engine(settings, tasks, workers=workers, on_ready=on_ready):
+    results = engine.run(tasks) if engine is not None else \
+        run_engine(settings, tasks, workers=workers, on_ready=on_ready)
+    for result in results:
         if result.rows:
             X = result.features[lineage.pool]
         else:

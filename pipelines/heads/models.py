@@ -171,9 +171,14 @@ class SavedModel:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Labels ``(n_samples,)`` decided with the saved threshold."""
+        return self.decide(self.predict_proba(X))
+
+    def decide(self, proba: np.ndarray) -> np.ndarray:
+        """Labels ``(n_samples,)`` of probabilities ``(n_samples, n_classes)``, decided with
+        the saved threshold on the positive class (argmax without one)."""
         positive = None if self.positive_class is None else \
             [str(c) for c in self.classes].index(str(self.positive_class))
-        return self.classes[decide(self.predict_proba(X), self.threshold, positive)]
+        return self.classes[decide(proba, self.threshold, positive)]
 
 
 #: ``write(path)`` writes one extra file of a model (oof.parquet, heldout.parquet) at ``path``.

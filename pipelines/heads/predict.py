@@ -45,7 +45,6 @@ from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from classifiers.errors import ClassifierError
-from classifiers.metrics import decide
 from featurestore import FeatureStoreError, Lineage, LineageMismatchError, Store, TableReader
 from featurestore._io import atomic_write, remove_tmp_of, write_csv
 from featurestore.layout import IMAGE_EXTENSIONS, display
@@ -194,11 +193,11 @@ def run_predict(config: PredictConfig, echo: Callable[[str], None] = print) -> P
 
 def _stored_scores(store: Store, model: SavedModel, wanted: set[str]) -> dict:
     """Scores of the images found in the model's table, then in the predict cache."""
-    scores = _score_table(store, model, wanted, "table")
+    scores = score_table(store, model, wanted, "table")
     # The cache is a nested store (STORE/cache/tables/<key>/), read like the store itself.
     cache_root = store.paths.cache
     if cache_root.is_dir():
-        scores.update(_score_table(Store(cache_root, create=False), model,
+        scores.update(score_table(Store(cache_root, create=False), model,
                                    wanted - set(scores), "cache"))
     return scores
 
@@ -303,7 +302,7 @@ def _engine_settings(model: SavedModel, ref: ModelRef, config: PredictConfig):
                                    f"Expected weights SHA-256 {lineage.weights_sha256}.") from err
 
 
-def _score_table(store: Store, model: SavedModel, wanted: set[str],
+def score_table(store: Store, model: SavedModel, wanted: set[str],
                  source: str) -> dict[str, tuple[np.ndarray, str]]:
     """``{image_id: (probabilities, source)}`` of the ``wanted`` images that have a raw
     row in ``store``'s table of the model's lineage."""
@@ -390,10 +389,7 @@ def _frame(files, image_ids, errors: dict[str, str], scores, model: SavedModel) 
     ok = np.array([not e for e in error], dtype=bool)
     predicted = np.full(len(files), "", dtype=object)
     if ok.any():
-        positive = None if model.positive_class is None else \
-            classes.index(str(model.positive_class))
-        predicted[ok] = np.asarray(classes, dtype=object)[
-            decide(proba[ok], model.threshold, positive)]
+        predicted[ok] = [str(label) for label in model.decide(proba[ok])]
     frame = pd.DataFrame({"path": [text_path(p) for p in files], "image_id": image_ids,
                           "source": source})
     for k, label in enumerate(classes):

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from featurestore import FeatureStoreError, Store
-from featurestore.similarity import METRICS, precision_at_k
+from featurestore.similarity import METRICS, Neighbours, exact_search, precision_at_k
+from featurestore.splits import INBOX
 from pipelines.similar.search import group_codes, search_table
 
 
@@ -62,7 +63,9 @@ def _evaluate_table(store: Store, lineage, config: EvalSearchConfig) -> pd.DataF
     with store.open(lineage) as reader:
         groups, _ = group_codes(reader)
         labels = reader.column("label")
-        candidates = np.flatnonzero(reader.column("aug_id") == 0)
+        # Ingested images without a label (the inbox) are neither queries nor neighbours.
+        labelled = reader.column("split") != INBOX
+        candidates = np.flatnonzero((reader.column("aug_id") == 0) & labelled)
         if config.split is not None:
             candidates = candidates[reader.column("split")[candidates] == config.split]
         if candidates.size == 0:
@@ -72,8 +75,11 @@ def _evaluate_table(store: Store, lineage, config: EvalSearchConfig) -> pd.DataF
         n_max = min(max(config.queries), order.size)
         rows = np.sort(order[:n_max])
         X = reader.read_features()
-        found = search_table(reader, X[rows], max(config.ks), config.metric,
-                             query_groups=groups[rows], base_groups=groups)
+        if labelled.all():
+            found = search_table(reader, X[rows], max(config.ks), config.metric,
+                                 query_groups=groups[rows], base_groups=groups)
+        else:
+            found = _search_labelled(X, labelled, rows, groups, max(config.ks), config.metric)
     rank_of = {row: i for i, row in enumerate(rows)}
     neighbour_labels = np.where(found.index >= 0, labels[np.maximum(found.index, 0)], None)
     name = lineage.name
@@ -90,6 +96,15 @@ def _evaluate_table(store: Store, lineage, config: EvalSearchConfig) -> pd.DataF
                             float(precision.mean())))
     return pd.DataFrame.from_records(records, columns=[
         "table", "name", "queries", "k", "label", "n_queries", "precision"])
+
+
+def _search_labelled(X, labelled, rows, groups, k, metric) -> Neighbours:
+    """Exact search among the labelled rows only; indexes are rows of the whole table."""
+    base = np.flatnonzero(labelled)
+    found = exact_search(X[rows], X[base], k, metric=metric, query_groups=groups[rows],
+                         base_groups=groups[base])
+    index = np.where(found.index >= 0, base[np.maximum(found.index, 0)], -1)
+    return Neighbours(found.distance, index)
 
 
 def _save(path: Path, result: pd.DataFrame) -> None:

@@ -45,9 +45,18 @@ def run_search(config: SearchConfig) -> pd.DataFrame:
         result = search_table(reader, vector[None, :], config.k, config.metric,
                               query_groups=np.array([group]), base_groups=groups)
         meta = reader.metadata()
+    return neighbour_frame(meta, result)
+
+
+#: The table columns a neighbour is shown with.
+NEIGHBOUR_COLUMNS = ("image_id", "aug_id", "label", "split", "path")
+
+
+def neighbour_frame(meta: pd.DataFrame, result: Neighbours) -> pd.DataFrame:
+    """The first query's neighbours as rows of the table's ``meta``, nearest first."""
     rows = result.index[0]
     found = rows >= 0
-    out = meta.iloc[rows[found]][["image_id", "aug_id", "label", "split", "path"]]
+    out = meta.iloc[rows[found]][list(NEIGHBOUR_COLUMNS)]
     out = out.reset_index(drop=True)
     out.insert(0, "rank", np.arange(1, len(out) + 1))
     out["distance"] = result.distance[0][found]

@@ -1,0 +1,212 @@
+"""Load test of ``featurestore serve`` on loopback, against plain ``extract`` in the same run.
+
+Prints (issue #15), bounded in requests and time:
+
+1. ingest over HTTP: ``--clients`` concurrent clients upload ``--uploads`` new digit
+   scans (32 px, random-weight DenseNet121) to a store of the 1,797 digits with a
+   logreg head; throughput, p50/p95/p99 latency, errors, server RSS before/after,
+   and the ratio to ``featurestore extract`` img/s on the same images (target >= 0.8);
+2. ``--queries`` ``similar`` queries (k=10) on a ``--rows``-row table of 1,024
+   features with an exact index; queries/s (target >= 200), latency, errors, RSS.
+
+    python benchmarks/bench_serve.py [--uploads 400] [--clients 8] [--queries 2000]
+        [--rows 20000] [--time-limit 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from featurestore import Lineage, Store
+from featurestore.index import SimilarityIndex
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``featurestore serve`` in its own process, for the ``with`` block."""
+
+    def __init__(self, store: Path):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "featurestore", "serve", "--store", str(store), "--port",
+             str(self.port)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    def __enter__(self):
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.5)
+        raise RuntimeError("server did not start")
+
+    def rss_mb(self) -> float:
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def hammer(n_clients: int, jobs: list, send, deadline: float):
+    """Run ``send(client, job)`` over ``jobs`` from ``n_clients`` threads; latencies, errors."""
+    latencies, errors, lock = [], [], threading.Lock()
+    todo = iter(jobs)
+
+    def client_loop():
+        with httpx.Client(timeout=120) as client:
+            while time.monotonic() < deadline:
+                with lock:
+                    job = next(todo, None)
+                if job is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    ok = send(client, job)
+                except httpx.HTTPError as err:
+                    ok = False
+                    errors.append(repr(err))
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    if not ok:
+                        errors.append("status")
+
+    threads = [threading.Thread(target=client_loop) for _ in range(n_clients)]
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return np.array(latencies), errors, time.perf_counter() - t0
+
+
+def report(name: str, latencies: np.ndarray, errors: list, seconds: float, rss) -> float:
+    rate = len(latencies) / seconds
+    p50, p95, p99 = (np.percentile(latencies, q) * 1000 for q in (50, 95, 99))
+    print(f"{name}: {len(latencies)} requests in {seconds:.1f} s = {rate:.1f}/s; latency ms "
+          f"p50 {p50:.0f} p95 {p95:.0f} p99 {p99:.0f}; errors {len(errors)}; server RSS "
+          f"{rss[0]:.0f} -> {rss[1]:.0f} MB")
+    return rate
+
+
+def build_digits_store(tmp: Path, n_uploads: int):
+    from pipelines.demo.data import write_digits_dataset, write_new_scans
+    from pipelines.extract.run import ExtractConfig, run_extract
+    from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+    from pipelines.similar.index import IndexConfig, run_index
+
+    dataset = write_digits_dataset(tmp / "digits", size=32)
+    store = tmp / "store"
+    run_extract(ExtractConfig(dataset=dataset, store=store, pool="max", weights="none",
+                              image_size=32, workers=1, progress=False))
+    run_index(IndexConfig(store=store, table="densenet121/max"))
+    run_fit_heads(FitHeadsConfig(store=store, table="densenet121/max", heads=["logreg"],
+                                 search="none", cv=3), echo=lambda _: None)
+    scans = write_new_scans(tmp / "new" / "x", size=32, count=n_uploads)
+    return store, scans
+
+
+def extract_rate(store: Path, scans: list[Path]) -> float:
+    """Batch extraction img/s on the same files with the table's recipe: one in-process
+    engine (as the server holds), built before the clock starts, batch 32, no writes."""
+    from featurestore.scan import hash_file
+    from pipelines.extract.engine import FeatureEngine
+    from pipelines.extract.featurize import engine_settings_for, iter_feature_batches
+
+    lineage = Store(store).resolve("densenet121/max")
+    settings = engine_settings_for(lineage, batch_size=32)
+    engine = FeatureEngine(settings)
+    files = [(p, hash_file(p)) for p in scans]
+    t0 = time.perf_counter()
+    n = sum(len(b.image_ids) for b in iter_feature_batches(files, lineage, settings,
+                                                           engine=engine))
+    return n / (time.perf_counter() - t0)
+
+
+def bench_uploads(args, tmp: Path) -> None:
+    store, scans = build_digits_store(tmp, args.uploads)
+    baseline = extract_rate(store, scans)
+
+    def send(client, path):
+        with open(path, "rb") as f:
+            answer = client.post(f"{server.base}/v1/images", files={"file": (path.name, f)})
+        return answer.status_code == 200 and answer.json()["new"]
+
+    with Server(store) as server:
+        before = server.rss_mb()
+        lat, errors, seconds = hammer(args.clients, scans, send,
+                                      time.monotonic() + args.time_limit / 2)
+        rate = report(f"ingest over HTTP ({args.clients} clients)", lat, errors, seconds,
+                      (before, server.rss_mb()))
+    print(f"plain extract on the same {len(scans)} images: {baseline:.1f} img/s; "
+          f"HTTP ingest / extract = {rate / baseline:.2f} (target >= 0.8)")
+
+
+def bench_similar(args, tmp: Path) -> None:
+    lineage = Lineage(backbone="densenet121", weights="random:0", pool="max", input_size=224,
+                      preprocessing="torch")
+    store = Store(tmp / "big")
+    X = np.random.default_rng(0).random((args.rows, 1024), dtype=np.float32)
+    ids = [f"{i:064x}" for i in range(args.rows)]
+    with store.writer(lineage) as writer:
+        writer.append(X, image_id=ids, label=[str(i % 2) for i in range(args.rows)],
+                      split=["train"] * args.rows)
+    with store.open(lineage) as reader:
+        SimilarityIndex.build(reader, kind="exact")
+    queries = [ids[i] for i in np.random.default_rng(1).integers(0, args.rows, args.queries)]
+
+    def send(client, image_id):
+        answer = client.get(f"{server.base}/v1/images/{image_id}/similar",
+                            params={"table": lineage.key, "k": 10})
+        return answer.status_code == 200 and len(answer.json()) == 10
+
+    with Server(store.root) as server:
+        before = server.rss_mb()
+        lat, errors, seconds = hammer(args.clients, queries, send,
+                                      time.monotonic() + args.time_limit / 2)
+        rate = report(f"similar on {args.rows} rows", lat, errors, seconds,
+                      (before, server.rss_mb()))
+    print(f"similar queries/s: {rate:.0f} (target >= 200)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uploads", type=int, default=400)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--time-limit", type=float, default=600.0,
+                        help="Seconds for both load phases together (each gets half).")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    try:
+        bench_uploads(args, tmp)
+        bench_similar(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""New images into a living store: :mod:`~pipelines.ingest.run` (``featurestore ingest``),
+:mod:`~pipelines.ingest.session` (what the CLI and the HTTP server share),
+:mod:`~pipelines.ingest.tables` (a new image's row in a table, given its lineage) and
+:mod:`~pipelines.ingest.scores` (``featurestore scores``)."""
+
+from pipelines._exports import lazy_exports
+
+_EXPORTS = {
+    "IngestConfig": "run",
+    "run_ingest": "run",
+    "IngestSession": "session",
+    "append_to_table": "tables",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

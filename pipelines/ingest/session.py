@@ -1,0 +1,186 @@
+"""One ingest: copy new images into the store, extend every table, score with every model.
+
+An :class:`IngestSession` holds what is expensive to build (backbones, loaded
+heads), so the HTTP server keeps one for its whole life and the CLI one per run.
+The order of the writes makes a killed ingest safe to rerun:
+
+1. the file's bytes are copied to ``STORE/ingested/<image_id><ext>`` (atomic rename);
+2. each table gets the image's raw row (one committed part per batch), and its
+   indexes are rebuilt under the table's writer lock;
+3. each saved model on those tables scores it into ``STORE/scores.sqlite``;
+4. last, the manifest gets the image's row: until then the image counts as new,
+   so a rerun redoes only the steps that left nothing behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featurestore import FeatureStoreError, Lineage, Store
+from featurestore._io import atomic_write, hash_file, utc_now
+from featurestore.manifest import Manifest
+from featurestore.paths import INGESTED_DIR
+from featurestore.scan import inspect_image
+from featurestore.scores import Score, write_scores
+from featurestore.splits import INBOX, SPLITS
+from pipelines.heads.models import MODEL_JSON, ModelRef, SavedModel, list_models, load_model
+from pipelines.ingest.tables import Engines, NewImage, append_to_table
+
+
+@dataclass
+class Outcome:
+    """What ingest did with one file."""
+
+    path: str
+    image_id: str = ""
+    new: bool = False
+    labelled: bool = False
+    """An inbox image given its label now (it becomes training data at the next fit)."""
+    error: str = ""
+
+
+@dataclass
+class IngestSession:
+    """A store, the tables and models that ingest keeps up to date, and their loaded parts."""
+
+    store: Store
+    lineages: list[Lineage]
+    refs: list[ModelRef]
+    lock_timeout: float = 60.0
+    engines: Engines = field(default_factory=Engines)
+    _models: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, store: str | Path | Store, *, tables: Sequence[str] | None = None,
+             models: Sequence[str] | None = None, **kw) -> IngestSession:
+        """Every table (or the ``tables`` queries) and every model on them (or ``models``)."""
+        from pipelines.heads.models import resolve_model_name
+
+        store = Store.of(store, create=False)
+        lineages = [store.resolve(q) for q in tables] if tables else store.lineages()
+        if not lineages:
+            raise FeatureStoreError(f"Store {store.root} has no tables; run `featurestore "
+                                    f"extract` first, so that new images have a recipe.")
+        keys = {lin.key for lin in lineages}
+        refs = [resolve_model_name(store, name) for name in models] if models else \
+            [ref for ref in list_models(store) if ref.table_key in keys]
+        outside = [ref.name for ref in refs if ref.table_key not in keys]
+        if outside:
+            raise FeatureStoreError(f"Model(s) {', '.join(outside)} are fitted on tables that "
+                                    f"this ingest does not extend; add their tables to --tables.")
+        return cls(store, lineages, refs, **kw)
+
+    def warm(self) -> None:
+        """Build every table's backbone and load every head now, not at the first image."""
+        for lineage in self.lineages:
+            self.engines.get(lineage)
+        for ref in self.refs:
+            self.model(ref)
+
+    def model(self, ref: ModelRef) -> tuple[SavedModel, str]:
+        """The loaded head and its version (SHA-256 of its model.json), loaded once."""
+        version = hash_file(ref.path / MODEL_JSON)
+        if (ref.name, version) not in self._models:
+            self._models[(ref.name, version)] = load_model(
+                self.store, ref.table_key, ref.head, view=ref.view)
+        return self._models[(ref.name, version)], version
+
+    def ingest(self, files: Sequence[tuple[Path, str]], *, label: str | None = None,
+               split: str | None = None) -> list[Outcome]:
+        """Ingest ``(file, name)`` pairs (``name`` is shown, never opened); one outcome each."""
+        label, split = check_label(label, split)
+        outcomes, images, rows = [], {}, {}
+        with Manifest(self.store.paths.manifest, create=True) as manifest:
+            for file, name in files:
+                outcome, image, row = self._receive(Path(file), name, label, split)
+                outcomes.append(outcome)
+                if image is not None:
+                    images.setdefault(image.image_id, image)
+                    rows.setdefault(image.image_id, row)
+            known = manifest.known_image_ids(images)
+            attached = manifest.attach_labels(known & images.keys(), label, split) \
+                if label else {}
+            for outcome in outcomes:
+                outcome.new = bool(outcome.image_id) and outcome.image_id not in known
+                if outcome.image_id in attached:
+                    outcome.error = attached[outcome.image_id]
+                    outcome.labelled = not outcome.error
+            failed = self._extend_tables(images)
+            self._score([i for i in images if i not in failed])
+            manifest.add_ingested(row for i, row in rows.items() if i not in known | failed.keys())
+        for image_id in failed.keys() - known:  # our copy of bytes that do not decode
+            images[image_id].file.unlink(missing_ok=True)
+        for outcome in outcomes:
+            if outcome.image_id in failed:
+                outcome.error, outcome.new = failed[outcome.image_id], False
+        return outcomes
+
+    def _receive(self, file: Path, name: str, label: str, split: str):
+        """Hash, identify from the bytes and copy one file into the store."""
+        try:
+            image_id = hash_file(file)
+            width, height, _, fmt = inspect_image(file)
+        except Exception as err:  # Pillow raises many types; each file fails alone
+            return Outcome(name, error=_reason(err)), None, None
+        copy = self.store.paths.ingested / f"{image_id}.{_extension(fmt)}"
+        if not copy.exists():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(copy, lambda tmp: shutil.copyfile(file, tmp))
+        image = NewImage(image_id, copy, label, split, f"{INGESTED_DIR}/{copy.name}")
+        row = {"image_id": image_id, "file": copy.name, "name": name, "label": label,
+               "split": split, "size_bytes": copy.stat().st_size, "width": width,
+               "height": height, "format": fmt, "added_at": utc_now()}
+        return Outcome(name, image_id), image, row
+
+    def _extend_tables(self, images: dict[str, NewImage]) -> dict[str, str]:
+        failed: dict[str, str] = {}
+        for lineage in self.lineages:
+            _, errors = append_to_table(self.store, lineage, images, self.engines,
+                                        timeout=self.lock_timeout)
+            failed.update(errors)
+        return failed
+
+    def _score(self, image_ids: list[str]) -> int:
+        from pipelines.heads.predict import score_table
+
+        scores = []
+        for ref in self.refs:
+            model, version = self.model(ref)
+            classes = [str(c) for c in model.classes]
+            for image_id, (proba, _) in score_table(self.store, model, set(image_ids),
+                                                    "table").items():
+                predicted = str(model.decide(proba[None, :])[0])
+                scores.append(Score(image_id, ref.name, version, classes, proba, predicted,
+                                    model.threshold))
+        return write_scores(self.store.paths.scores, scores) if scores else 0
+
+
+def check_label(label: str | None, split: str | None) -> tuple[str, str]:
+    """``(label, split)`` of an ingest: no label means the ``inbox`` split."""
+    if label is None or label == "":
+        if split is not None:
+            raise FeatureStoreError(f"split {split!r} needs a label; an unlabelled image "
+                                    f"goes to the {INBOX} split.")
+        return "", INBOX
+    if split is None:
+        split = "train"
+    if split not in SPLITS:
+        raise FeatureStoreError(f"split must be one of {', '.join(SPLITS)}; got {split!r}.")
+    return label, split
+
+
+def _extension(fmt: str) -> str:
+    return {"JPEG": "jpg", "TIFF": "tif"}.get(fmt, fmt.lower())
+
+
+def _reason(err: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(err, OSError) and err.strerror:
+        return f"cannot read: {err.strerror}"
+    return f"cannot read: {type(err).__name__}: {err}"

@@ -1,0 +1,107 @@
+"""``featurestore search`` kept open per table, so a query costs one search, not a table open.
+
+A table's reader, its saved index (an exact one's rows copied into memory) and
+its id-to-row map stay open until the index is rewritten (an ingest extends it
+under the table's writer lock, with a new ``index.json``), then they are opened
+again; a query of a stored image is then one matrix product over its own
+in-memory row. A table without a fresh index is searched by
+:func:`~pipelines.similar.search.run_search` itself.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from featurestore import FeatureStoreError, Store
+from featurestore.index import SimilarityIndex
+from featurestore.paths import INDEX_DIR
+from featurestore.reader import TableReader
+from featurestore.similarity import exact_search
+from pipelines.similar.search import (NEIGHBOUR_COLUMNS, SearchConfig, group_codes,
+                                      neighbour_frame, run_search)
+
+METRIC = "cosine"
+
+
+@dataclass
+class _Open:
+    stamp: tuple
+    reader: TableReader
+    index: SimilarityIndex
+    groups: np.ndarray
+    codes: dict
+    meta: pd.DataFrame
+    raw_rows: dict
+    """``{image_id: row}`` of the raw (aug_id 0) rows, which ``query_vector`` would pick."""
+    matrix: np.ndarray | None
+    """An exact index's prepared rows in memory: a query is one product, no file read."""
+
+
+class Searchers:
+    """The open tables of one server process."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._open: dict[str, _Open] = {}
+        self._resolved: dict = {}
+        self._lock = threading.Lock()
+
+    def search(self, table: str, image_id: str, k: int) -> pd.DataFrame:
+        """Neighbours of stored image ``image_id`` in ``table``: ``run_search``'s frame."""
+        lineage = self._resolved.get(table)
+        if lineage is None:  # resolving reads every table's lineage file: once per name
+            lineage = self._resolved.setdefault(table, self.store.resolve(table))
+        opened = self._get(lineage)
+        if opened is None:
+            return run_search(SearchConfig(store=self.store.root, table=lineage.key,
+                                           query=image_id, k=k))
+        row = opened.raw_rows.get(image_id)
+        if row is None:
+            raise FeatureStoreError(f"No image {image_id!r} in table {lineage.key}.")
+        group = np.array([opened.codes[image_id]])
+        if opened.matrix is None:  # HNSW: the graph answers, the query read from the table
+            vector = opened.reader.read_features(np.array([row]))
+            result = opened.index.search(vector, k, query_groups=group,
+                                         base_groups=opened.groups)
+        else:  # the prepared row is its own query (normalised: cosine is indifferent)
+            result = exact_search(opened.matrix[row], opened.matrix, k, metric=METRIC,
+                                  base_prepared=True, query_groups=group,
+                                  base_groups=opened.groups)
+        return neighbour_frame(opened.meta, result)
+
+    def _get(self, lineage) -> _Open | None:
+        meta_file = self.store.table_dir(lineage) / INDEX_DIR / METRIC / "index.json"
+        try:
+            info = os.stat(meta_file)
+        except FileNotFoundError:
+            return None
+        stamp = (info.st_ino, info.st_mtime_ns)
+        with self._lock:
+            opened = self._open.get(lineage.key)
+            if opened is not None and opened.stamp == stamp:
+                return opened
+            reader = TableReader(self.store.table_dir(lineage),
+                                 labels=self.store.attached_labels())
+            try:
+                index = SimilarityIndex.load(reader, metric=METRIC)
+            except FeatureStoreError:
+                reader.close()
+                return None  # stale: run_search searches the table exactly
+            groups, codes = group_codes(reader)
+            # The previous reader is left to the garbage collector: a request may still use it.
+            # Plain numpy columns, only those neighbour_frame shows: taking 10 rows of the
+            # full Arrow-backed metadata cost as much as the search itself.
+            meta = pd.DataFrame({c: reader.column(c) if c == "aug_id" else
+                                 pd.Series(reader.column(c), dtype=object)
+                                 for c in NEIGHBOUR_COLUMNS})
+            raw = np.flatnonzero(meta["aug_id"].to_numpy() == 0)
+            raw_rows = dict(zip(meta["image_id"].to_numpy()[raw], raw.tolist()))
+            matrix = None if index.vectors is None else np.array(index.vectors)
+            self._open[lineage.key] = _Open(stamp, reader, index, groups, codes, meta,
+                                            raw_rows, matrix)
+            return self._open[lineage.key]
