@@ -1,4 +1,5 @@
-"""A derived table scores new image files: the parent's recipe extracts them, its projection maps them."""
+"""A derived table scores new image files (predict) and keeps up with ingest: the parent's
+recipe extracts them, its projection maps them."""
 
 import shutil
 
@@ -7,8 +8,8 @@ import pytest
 
 from featurestore import Store
 from pipelines.embedding import FitEmbeddingConfig, run_fit_embedding
-from pipelines.embedding.verify import VerifyConfig, run_verify
 from pipelines.heads import FitHeadsConfig, PredictConfig, load_model, run_fit_heads, run_predict
+from pipelines.ingest import IngestConfig, run_ingest
 from tests.test_predict import _rescan
 
 
@@ -44,9 +45,6 @@ def test_new_image_is_projected_where_its_twin_row_is(derived, tmp_path):
     row = int(np.flatnonzero(meta["aug_id"] == 0)[0])
     twin = tmp_path / "rescan.png"  # same pixels, other bytes: not in any table
     _rescan(dataset / meta["path"][row], twin, "new scanner")
-    frame = run_verify(VerifyConfig(store=store.root, embedding=lineage.name,
-                                    pairs=[(str(twin), meta["image_id"][row])]))
-    assert frame["distance"][0] < 1e-3 and bool(frame["same"][0])
     out = tmp_path / "pred.csv"
     scored = run_predict(PredictConfig(inputs=[str(twin)], store=store.root,
                                        model=f"{lineage.key}/logreg", out=out, progress=False,
@@ -58,3 +56,18 @@ def test_new_image_is_projected_where_its_twin_row_is(derived, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-4)
     # The predict cache holds the projected row (8 wide), never the parent's 1,024.
     assert Store(store.paths.cache).open(lineage).dimension == 8
+    # Ingest gives the twin its parent row, then its projected row in the derived table,
+    # scored by the head there with predict's numbers.
+    parent_rows, rows = len(store.open("densenet121/avg")), len(reader)
+    [outcome] = run_ingest(IngestConfig(paths=[twin], store=store.root), echo=lambda _: None).outcomes
+    assert outcome.new and not outcome.error
+    assert len(store.open("densenet121/avg")) == parent_rows + 1
+    grown = store.open(lineage)
+    assert len(grown) == rows + 1
+    new_row = int(np.flatnonzero(grown.metadata()["image_id"] == outcome.image_id)[0])
+    np.testing.assert_allclose(grown.read_features(np.array([new_row])),
+                               reader.read_features(np.array([row])), atol=1e-3)
+    ingested = store.scores(model=f"{lineage.key}/logreg")
+    np.testing.assert_allclose(
+        ingested[[c for c in ingested.columns if c.startswith("proba_")]].to_numpy(), got,
+        atol=1e-4)

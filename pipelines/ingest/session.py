@@ -27,7 +27,7 @@ from featurestore.scan import inspect_image
 from featurestore.scores import Score, write_scores
 from featurestore.splits import INBOX, SPLITS
 from pipelines.heads.models import MODEL_JSON, ModelRef, SavedModel, list_models, load_model
-from pipelines.ingest.tables import Engines, NewImage, append_to_table
+from pipelines.ingest.tables import Engines, NewImage, append_to_table, refresh_indexes
 
 
 @dataclass
@@ -71,12 +71,14 @@ class IngestSession:
         if outside:
             raise FeatureStoreError(f"Model(s) {', '.join(outside)} are fitted on tables that "
                                     f"this ingest does not extend; add their tables to --tables.")
-        return cls(store, lineages, refs, **kw)
+        kw.setdefault("engines", Engines(cache_dir=store.paths.openvino_cache))
+        return cls(store, _parents_first(store, lineages), refs, **kw)
 
     def warm(self) -> None:
         """Build every table's backbone and load every head now, not at the first image."""
         for lineage in self.lineages:
-            self.engines.get(lineage)
+            if not lineage.derived:
+                self.engines.get(lineage)
         for ref in self.refs:
             self.model(ref)
 
@@ -136,8 +138,16 @@ class IngestSession:
         return Outcome(name, image_id), image, row
 
     def _extend_tables(self, images: dict[str, NewImage]) -> dict[str, str]:
+        """Image tables get their rows extracted; then each derived (embedding) table
+        projects the rows its parent just gained (``self.lineages`` lists parents first)."""
+        from pipelines.embedding.derived import extend_derived
+
         failed: dict[str, str] = {}
         for lineage in self.lineages:
+            if lineage.derived:
+                if extend_derived(self.store, lineage.key, echo=lambda _: None):
+                    refresh_indexes(self.store, lineage)
+                continue
             _, errors = append_to_table(self.store, lineage, images, self.engines,
                                         timeout=self.lock_timeout)
             failed.update(errors)
@@ -156,6 +166,18 @@ class IngestSession:
                 scores.append(Score(image_id, ref.name, version, classes, proba, predicted,
                                     model.threshold))
         return write_scores(self.store.paths.scores, scores) if scores else 0
+
+
+def _parents_first(store: Store, lineages: list[Lineage]) -> list[Lineage]:
+    """Image tables first (with the parent of every derived table asked for), then the
+    derived tables, which are computed from their parents' rows."""
+    derived = [lin for lin in lineages if lin.derived]
+    images = [lin for lin in lineages if not lin.derived]
+    for lin in derived:
+        parent = lin.derived["parent_key"]
+        if all(p.key != parent for p in images):
+            images.append(store.resolve({"key": parent}))
+    return images + derived
 
 
 def check_label(label: str | None, split: str | None) -> tuple[str, str]:

@@ -51,12 +51,15 @@ class Engines:
     """Backbones built once per recipe and process, reused by every later batch."""
 
     batch_size: int = 16
+    cache_dir: Path | None = None
+    """Where the runtime keeps converted models (``store.paths.openvino_cache``)."""
 
     def get(self, lineage: Lineage):
         from pipelines.extract.engine import FeatureEngine
         from pipelines.extract.featurize import engine_settings_for
 
-        settings = engine_settings_for(lineage, batch_size=self.batch_size)
+        settings = engine_settings_for(lineage, batch_size=self.batch_size,
+                                       cache_dir=self.cache_dir)
         key = repr(settings)
         with _BUILDING:
             if key not in _BUILT:
