@@ -15,6 +15,7 @@ from pipelines.extract.augment import PRESETS
 from pipelines.heads.leaderboard import read_leaderboard
 from pipelines.heads.models import HELDOUT_FILE, resolve_model_name
 from tests.digit_store import digit_store
+from tests.test_predict import _rescan
 
 EPOCHS = dict(epochs=1, batch_size=32, image_size=32)
 
@@ -137,3 +138,23 @@ def test_predict_scores_new_files_with_the_cnn_as_fit_time_did(trained, tmp_path
     assert (frame["source"] == "pixels").all() and len(frame) == 4
     np.testing.assert_allclose(frame[columns], held.loc[frame.index, columns], atol=1e-5)
     assert (frame["predicted"] == held.loc[frame.index, "predicted"]).all()
+
+
+def test_ingest_scores_new_scans_with_the_cnn_from_their_pixels(trained, tmp_path):
+    from pipelines.ingest.session import IngestSession
+
+    store, _, _ = trained
+    ref = resolve_model_name(store, "images-32/cnn")
+    held = pd.read_parquet(ref.path / HELDOUT_FILE).set_index("image_id")
+    with Store(store).manifest() as manifest:
+        row = manifest.images(split="test").iloc[0]
+        path = manifest.absolute_path(row)
+    rescan = tmp_path / "rescan.png"  # same pixels, other bytes: a new image to the store
+    _rescan(path, rescan, "new scanner")
+    session = IngestSession(Store(store), [], [ref])  # no table: the CNN reads pixels
+    [outcome] = session.ingest([(rescan, "rescan.png")])
+    assert outcome.new and not outcome.error, outcome
+    scores = Store(store).scores(model="images-32/cnn").set_index("image_id")
+    columns = [c for c in held if c.startswith("proba_")]
+    np.testing.assert_allclose(scores.loc[[outcome.image_id], columns].to_numpy(),
+                               held.loc[[row["image_id"]], columns].to_numpy(), atol=1e-5)

@@ -17,7 +17,7 @@ import numpy as np
 from featurestore import FeatureStoreError, Store
 from pipelines.extract.images import ImageDecodeError, load_image
 from pipelines.heads.model_folder import read_record
-from pipelines.heads.models import ModelRef
+from pipelines.heads.models import ModelRef, decide_labels
 
 
 @dataclass
@@ -31,6 +31,9 @@ class EndToEndModel:
     size: int
     recipe: object = None
     """The table's recipe of a fine-tuned model (preprocessing), else None (0..255 input)."""
+
+    def decide(self, proba: np.ndarray) -> np.ndarray:
+        return decide_labels(self, proba)
 
     def score(self, path: Path) -> np.ndarray:
         from pipelines.backbones.registry import preprocess

@@ -176,9 +176,15 @@ class SavedModel:
     def decide(self, proba: np.ndarray) -> np.ndarray:
         """Labels ``(n_samples,)`` of probabilities ``(n_samples, n_classes)``, decided with
         the saved threshold on the positive class (argmax without one)."""
-        positive = None if self.positive_class is None else \
-            [str(c) for c in self.classes].index(str(self.positive_class))
-        return self.classes[decide(proba, self.threshold, positive)]
+        return decide_labels(self, proba)
+
+
+def decide_labels(model, proba: np.ndarray) -> np.ndarray:
+    """``model``'s labels of ``proba``: any model with ``classes``, ``threshold`` and
+    ``positive_class`` (a head's :class:`SavedModel`, an end-to-end model)."""
+    positive = None if model.positive_class is None else \
+        [str(c) for c in model.classes].index(str(model.positive_class))
+    return model.classes[decide(proba, model.threshold, positive)]
 
 
 #: ``write(path)`` writes one extra file of a model (oof.parquet, heldout.parquet) at ``path``.

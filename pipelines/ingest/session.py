@@ -64,10 +64,14 @@ class IngestSession:
         if not lineages:
             raise FeatureStoreError(f"Store {store.root} has no tables; run `featurestore "
                                     f"extract` first, so that new images have a recipe.")
+        from pipelines.cnn.predict import is_end_to_end
+
         keys = {lin.key for lin in lineages}
+        # train-cnn models score from pixels: they need no table (fine-tuned ones name theirs).
         refs = [resolve_model_name(store, name) for name in models] if models else \
-            [ref for ref in list_models(store) if ref.table_key in keys]
-        outside = [ref.name for ref in refs if ref.table_key not in keys]
+            [ref for ref in list_models(store) if ref.table_key in keys or is_end_to_end(ref)]
+        outside = [ref.name for ref in refs
+                   if ref.table_key not in keys and not is_end_to_end(ref)]
         if outside:
             raise FeatureStoreError(f"Model(s) {', '.join(outside)} are fitted on tables that "
                                     f"this ingest does not extend; add their tables to --tables.")
@@ -83,11 +87,15 @@ class IngestSession:
             self.model(ref)
 
     def model(self, ref: ModelRef) -> tuple[SavedModel, str]:
-        """The loaded head and its version (SHA-256 of its model.json), loaded once."""
+        """The loaded model (a head, or a train-cnn/fine-tune model) and its version
+        (SHA-256 of its model.json), loaded once."""
+        from pipelines.cnn.predict import is_end_to_end, load_end_to_end_model
+
         version = hash_file(ref.path / MODEL_JSON)
         if (ref.name, version) not in self._models:
-            self._models[(ref.name, version)] = load_model(
-                self.store, ref.table_key, ref.head, view=ref.view)
+            self._models[(ref.name, version)] = load_end_to_end_model(ref) \
+                if is_end_to_end(ref) else \
+                load_model(self.store, ref.table_key, ref.head, view=ref.view)
         return self._models[(ref.name, version)], version
 
     def ingest(self, files: Sequence[tuple[Path, str]], *, label: str | None = None,
@@ -111,7 +119,7 @@ class IngestSession:
                     outcome.error = attached[outcome.image_id]
                     outcome.labelled = not outcome.error
             failed = self._extend_tables(images)
-            self._score([i for i in images if i not in failed])
+            self._score({i: img.file for i, img in images.items() if i not in failed})
             manifest.add_ingested(row for i, row in rows.items() if i not in known | failed.keys())
         for image_id in failed.keys() - known:  # our copy of bytes that do not decode
             images[image_id].file.unlink(missing_ok=True)
@@ -153,15 +161,22 @@ class IngestSession:
             failed.update(errors)
         return failed
 
-    def _score(self, image_ids: list[str]) -> int:
+    def _score(self, files: dict[str, Path]) -> int:
+        """Score the new images (``{image_id: file}``) with every model into scores.sqlite:
+        heads from the tables' rows, end-to-end models (train-cnn, fine-tune) from pixels."""
+        from pipelines.cnn.predict import is_end_to_end
         from pipelines.heads.predict import score_table
 
         scores = []
         for ref in self.refs:
             model, version = self.model(ref)
+            if is_end_to_end(ref):
+                probas = {i: model.score(file) for i, file in files.items()}
+            else:
+                probas = {i: proba for i, (proba, _) in
+                          score_table(self.store, model, set(files), "table").items()}
             classes = [str(c) for c in model.classes]
-            for image_id, (proba, _) in score_table(self.store, model, set(image_ids),
-                                                    "table").items():
+            for image_id, proba in probas.items():
                 predicted = str(model.decide(proba[None, :])[0])
                 scores.append(Score(image_id, ref.name, version, classes, proba, predicted,
                                     model.threshold))
