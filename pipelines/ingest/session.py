@@ -164,13 +164,13 @@ class IngestSession:
     def _score(self, files: dict[str, Path]) -> int:
         """Score the new images (``{image_id: file}``) with every model into scores.sqlite:
         heads from the tables' rows, end-to-end models (train-cnn, fine-tune) from pixels."""
-        from pipelines.cnn.predict import is_end_to_end
+        from pipelines.cnn.predict import EndToEndModel
         from pipelines.heads.predict import score_table
 
         scores = []
         for ref in self.refs:
             model, version = self.model(ref)
-            if is_end_to_end(ref):
+            if isinstance(model, EndToEndModel):  # decided once, when it was loaded
                 probas = {i: model.score(file) for i, file in files.items()}
             else:
                 probas = {i: proba for i, (proba, _) in
