@@ -1,11 +1,59 @@
-"""The ``featurestore`` command line: a thin Click layer over the ``run_*`` functions."""
+"""The ``featurestore`` command line: a thin Click layer over the ``run_*`` functions.
+
+Commands are imported when they are called, not when the group is built:
+importing every stage (scikit-learn, pandas, the report's plotting) cost
+about 4 s before a command such as ``scan`` could start. ``featurestore
+--help`` still imports them all, for their one-line help.
+"""
+
+import importlib
 
 import click
 
 from pipelines.errors import one_line_failures
 
+# Command name -> the module whose ``command`` it is, in the order --help lists them.
+COMMANDS = {
+    "demo": "pipelines.demo.run",
+    "scan": "pipelines.scan",
+    "extract": "pipelines.extract.run",
+    "fit-heads": "pipelines.heads.fit",
+    "audit-labels": "pipelines.audit.run",
+    "tables": "pipelines.tables",
+    "index": "pipelines.similar.index",
+    "search": "pipelines.similar.search",
+    "eval-search": "pipelines.similar.evaluate",
+    "near-duplicates": "pipelines.similar.near_duplicates",
+    "predict": "pipelines.heads.predict",
+    "report": "pipelines.report.run",
+    "fit-embedding": "pipelines.embedding.run",
+    "verify": "pipelines.embedding.verify",
+    "train-cnn": "pipelines.cnn.run",
+    "fine-tune": "pipelines.finetune.run",
+    "explain": "pipelines.explain.run",
+    "ingest": "pipelines.ingest.run",
+    "scores": "pipelines.ingest.scores",
+    "serve": "pipelines.serve.run",
+}
 
-@click.group("featurestore", context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A group that imports a command's module only when that command is used."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        command = importlib.import_module(COMMANDS[name]).command
+        # Every command: a full disk or a dead worker is one line, not a traceback.
+        command.callback = one_line_failures(command.callback)
+        return command
+
+
+@click.group("featurestore", cls=LazyGroup,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="xray-featurestore")
 def main():
     """Image feature store with a classifier zoo.
@@ -13,34 +61,3 @@ def main():
     Scan an image folder, extract CNN features once into versioned tables,
     then tune, audit and search from those tables.
     """
-
-
-def _register():
-    # One module per command; each exposes a click command named ``command``.
-    from pipelines import scan, tables
-    from pipelines.audit import run as audit_labels
-    from pipelines.cnn import run as train_cnn
-    from pipelines.demo import run as demo
-    from pipelines.embedding import run as fit_embedding
-    from pipelines.embedding import verify
-    from pipelines.explain import run as explain
-    from pipelines.extract import run as extract
-    from pipelines.finetune import run as fine_tune
-    from pipelines.heads import fit as fit_heads
-    from pipelines.heads import predict
-    from pipelines.ingest import run as ingest
-    from pipelines.ingest import scores
-    from pipelines.report import run as report
-    from pipelines.similar import evaluate as eval_search
-    from pipelines.serve import run as serve
-    from pipelines.similar import index, near_duplicates, search
-
-    for module in (demo, scan, extract, fit_heads, audit_labels, tables, index, search,
-                   eval_search, near_duplicates, predict, report, fit_embedding, verify,
-                   train_cnn, fine_tune, explain, ingest, scores, serve):
-        # Every command: a full disk or a dead worker is one line, not a traceback.
-        module.command.callback = one_line_failures(module.command.callback)
-        main.add_command(module.command)
-
-
-_register()

@@ -21,6 +21,18 @@ def test_python_dash_m_runs_the_same_cli():
         assert name in out
 
 
+def test_each_command_is_registered_under_its_own_name_and_imported_only_when_used():
+    import click
+
+    from pipelines.cli import COMMANDS
+    ctx = click.Context(main)
+    assert [main.get_command(ctx, name).name for name in COMMANDS] == list(COMMANDS)
+    # The CLI must start fast: no stage (scikit-learn, TensorFlow) at import.
+    probe = "import sys, pipelines.cli; print(sorted({'sklearn', 'tensorflow', 'keras'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_tables_lists_rows_dimension_lineage_and_size(tmp_path):
     store = Store(tmp_path / "store")
     lin = Lineage(backbone="densenet121", weights="imagenet", weights_sha256="ab" * 32,
