@@ -1,4 +1,4 @@
-"""Heatmaps for the report's and the audit's galleries: one overlay per thumbnail, or a note why not."""
+"""Heatmaps for the report's and the audit's galleries: one overlay per thumbnail, or why not."""
 
 from __future__ import annotations
 
