@@ -90,6 +90,7 @@ def audit_store(quadrant_store, tmp_path):
 
 
 def test_audit_gallery_shows_a_heatmap_beside_each_suspect(audit_store):
+    from featurestore import Store
     from pipelines.audit.run import AuditLabelsConfig, run_audit_labels
 
     # above=0 flags every image: the labels are clean, and the gallery is what is tested.
@@ -107,11 +108,16 @@ def test_audit_gallery_shows_a_heatmap_beside_each_suspect(audit_store):
         with Image.open(result.run_dir / heat) as image:
             assert image.size == (SIZE, SIZE)
     # A head with no gradient to follow: the gallery says so and shows no heatmap.
-    result = run_audit_labels(AuditLabelsConfig(table="densenet121/max", heads=["knn"],
-                                                heatmaps=True, **audit), echo=lambda line: None)
-    html = (result.run_dir / "index.html").read_text()
-    assert f"No heatmaps: Model {result.table_key}/knn is a &#39;knn&#39; head" in html
-    assert 'class="heatmap"' not in html and not (result.run_dir / "heatmaps").exists()
+    cli = CliRunner().invoke(main, ["audit-labels", "--store", str(audit_store), "--table",
+                                    "densenet121/max", "--heads", "knn", "--heatmaps",
+                                    "--method", "threshold", "--above", "0", "--top", "4",
+                                    "--neighbours", "1", "--run", "knn"])
+    assert cli.exit_code == 0, cli.output
+    key = Store(audit_store).resolve("densenet121/max").key
+    run_dir = Store(audit_store).paths.audits_of(key) / "knn"
+    html = (run_dir / "index.html").read_text()
+    assert f"No heatmaps: Model {key}/knn is a &#39;knn&#39; head" in html
+    assert 'class="heatmap"' not in html and not (run_dir / "heatmaps").exists()
 
 
 def test_held_out_audits_average_the_tables_heads_and_end_to_end_models_only_when_named(
