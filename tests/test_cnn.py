@@ -158,3 +158,55 @@ def test_ingest_scores_new_scans_with_the_cnn_from_their_pixels(trained, tmp_pat
     columns = [c for c in held if c.startswith("proba_")]
     np.testing.assert_allclose(scores.loc[[outcome.image_id], columns].to_numpy(),
                                held.loc[[row["image_id"]], columns].to_numpy(), atol=1e-5)
+
+
+def test_report_shows_the_cost_of_an_epoch_beside_a_head_fit_and_their_ratio(trained, tmp_path):
+    import re
+    import shutil
+
+    from featurestore import Lineage
+    from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+    from pipelines.report import ReportConfig, run_report
+
+    store = tmp_path / "store"
+    shutil.copytree(trained[0], store)
+    # A head on the same images' pixels (8 x 8), fitted for real, beside the trained CNN.
+    splits = load_splits(Store(store), 8)
+    lin = Lineage(backbone="pixels", weights="none", pool="max", input_size=8,
+                  preprocessing="none")
+    with Store(store).writer(lin, formats=("hdf5",)) as writer:
+        for split, images in splits.splits.items():
+            writer.append(images.pixels.reshape(len(images.labels), -1).astype(np.float32),
+                          image_id=images.image_ids, label=images.labels,
+                          split=[split] * len(images.labels))
+    run_fit_heads(FitHeadsConfig(store=store, table=lin.key, heads=["logreg"], search="none",
+                                 cv=2), echo=lambda line: None)
+    page = run_report(ReportConfig(store=store, out=tmp_path / "report", map="pca"),
+                      echo=lambda line: None).read_text()
+    grid = page.split('<section id="leaderboard">')[1].split("</table>")[0]
+    header = re.findall(r'<th class="text">([^<]*)</th>', grid)
+    rows = {cells[header.index("head")]: dict(zip(header, cells)) for cells in (
+        re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in grid.split("<tr>")[2:])}
+    board = read_leaderboard(store).set_index("head")
+    fit_sec, epoch_sec = board.loc["logreg", "refit_sec"], board.loc["cnn", "sec_per_epoch"]
+    assert float(rows["cnn"]["sec_per_epoch"]) == pytest.approx(epoch_sec, abs=1e-3)
+    assert float(rows["logreg"]["refit_sec"]) == pytest.approx(fit_sec, abs=1e-3)
+    assert float(rows["cnn"]["x fastest head fit"]) == pytest.approx(epoch_sec / fit_sec,
+                                                                      abs=1e-3)
+    assert float(rows["logreg"]["x fastest head fit"]) == 1.0
+    assert rows["cnn"]["accuracy"] != "-" and rows["logreg"]["accuracy"] != "-"
+    assert "<code>x fastest head fit</code> divides either by the fastest head fit" in page
+
+
+def test_resume_from_a_checkpoint_cut_off_by_a_kill_is_refused_in_one_line(trained, tmp_path):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(trained[0], store)
+    best = Store(store).paths.training_of("images-32", "cnn") / "best.keras"
+    best.write_bytes(best.read_bytes()[:1000])  # what a kill while Keras saves leaves
+    result = CliRunner().invoke(main, ["train-cnn", "--store", str(store), "--image-size", "32",
+                                       "--epochs", "2", "--positive-class", "d1",
+                                       "--min-recall", "0.9", "--resume"])
+    assert result.exit_code == 2, result.output
+    assert "cannot be read" in result.output and "rerun without --resume" in result.output

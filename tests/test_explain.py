@@ -1,5 +1,7 @@
 """explain: heatmaps peak where the class is decided (exact CAM for logreg/avg, Grad-CAM through the stack)."""
 
+import re
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -75,3 +77,76 @@ def test_a_head_without_gradients_is_refused(quadrant_store):
     assert result.exit_code == 2, result.output
     assert "is a 'knn' head, which has no gradient to follow" in result.output
     assert not (root / "none").exists()
+
+
+@pytest.fixture
+def audit_store(quadrant_store, tmp_path):
+    """A private copy of the quadrant store, for audits (they write run folders and models)."""
+    import shutil
+
+    store, _, _ = quadrant_store
+    shutil.copytree(store, tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_audit_gallery_shows_a_heatmap_beside_each_suspect(audit_store):
+    from featurestore import Store
+    from pipelines.audit.run import AuditLabelsConfig, run_audit_labels
+
+    # above=0 flags every image: the labels are clean, and the gallery is what is tested.
+    audit = dict(store=audit_store, method="threshold", above=0.0, top=4, neighbours=1)
+    result = run_audit_labels(AuditLabelsConfig(table="densenet121/avg", heatmaps=True,
+                                                **audit), echo=lambda line: None)
+    html = (result.run_dir / "index.html").read_text()
+    sections = html.split('<h2 id="rank-')[1:]
+    assert len(sections) == 4 and f"Heatmaps: cam of {result.table_key}/logreg" in html
+    for section, suspect in zip(sections, result.suspects.itertuples()):
+        suspect_figure = section.split('<figure class="thumb neighbour">')[0]
+        [thumb] = re.findall(r'<img src="(thumbs/[^"]+)"', suspect_figure)
+        [heat] = re.findall(r'<img class="heatmap" src="(heatmaps/[^"]+)"', suspect_figure)
+        assert suspect.image_id[:16] in heat
+        with Image.open(result.run_dir / heat) as image:
+            assert image.size == (SIZE, SIZE)
+    # A head with no gradient to follow: the gallery says so and shows no heatmap.
+    cli = CliRunner().invoke(main, ["audit-labels", "--store", str(audit_store), "--table",
+                                    "densenet121/max", "--heads", "knn", "--heatmaps",
+                                    "--method", "threshold", "--above", "0", "--top", "4",
+                                    "--neighbours", "1", "--run", "knn"])
+    assert cli.exit_code == 0, cli.output
+    key = Store(audit_store).resolve("densenet121/max").key
+    run_dir = Store(audit_store).paths.audits_of(key) / "knn"
+    html = (run_dir / "index.html").read_text()
+    assert f"No heatmaps: Model {key}/knn is a &#39;knn&#39; head" in html
+    assert 'class="heatmap"' not in html and not (run_dir / "heatmaps").exists()
+
+
+def test_held_out_audits_average_the_tables_heads_and_end_to_end_models_only_when_named(
+        audit_store):
+    from classifiers.metrics import make_objective
+    from featurestore import Store
+    from pipelines.audit.run import AuditLabelsConfig, run_audit_labels
+    from pipelines.cnn import network, saved
+    from pipelines.cnn.data import load_splits
+
+    # A real end-to-end model ranked under the table's key, as fine-tune saves one.
+    splits = load_splits(Store(audit_store), SIZE)
+    model = network.build_cnn(SIZE, 2, filters=(4,), dense_units=4)
+    objective = make_objective(None, splits.classes)
+    evaluated = saved.evaluate(model, splits.classes, splits.splits["val"],
+                               splits.splits["test"], objective)
+    key = Store(audit_store).resolve("densenet121/avg").key
+    saved.save_end_to_end(Store(audit_store), model, key=key, head="keras_dense+ft",
+                          classes=splits.classes, test=splits.splits["test"], result=evaluated,
+                          objective=objective, recipe={"table": "densenet121/avg", "rows": {
+                              "train": len(splits.splits["train"].labels)}}, lineage=None,
+                          timing={"train_sec": 1.0, "total_sec": 1.0, "sec_per_epoch": 1.0,
+                                  "epochs": 1})
+    audit = dict(store=audit_store, table="densenet121/avg", split="test",
+                 include_heldout=True, neighbours=0)
+    default = run_audit_labels(AuditLabelsConfig(**audit), echo=lambda line: None)
+    assert default.heads == ["logreg"]
+    named = run_audit_labels(AuditLabelsConfig(heads=["logreg", "keras_dense+ft"], **audit),
+                             echo=lambda line: None)
+    assert named.heads == ["logreg", "keras_dense+ft"]
+    assert not np.allclose(named.ranking["score"].sort_values(),
+                           default.ranking["score"].sort_values())

@@ -90,16 +90,21 @@ def _hand_table(store: Path, **lineage):
     return lin
 
 
-@pytest.mark.parametrize("lineage, message", [
-    ({"weights": "file:w.h5", "weights_sha256": "0" * 64, "input_size": 32},
+@pytest.mark.parametrize("lineage, args, message", [
+    ({"weights": "file:w.h5", "weights_sha256": "0" * 64, "input_size": 32}, [],
      "was computed with weights 'file:w.h5'; pass that file"),
-    ({"weights": "random:0", "input_size": 16}, "image_size must be at least 32"),
+    ({"weights": "file:w.h5", "weights_sha256": "0" * 64, "input_size": 32},
+     ["--weights", "gone/w.h5"], "got 'gone/w.h5', which does not exist"),
+    ({"weights": "random:0", "input_size": 16}, [], "image_size must be at least 32"),
 ])
-def test_a_recipe_that_cannot_be_rebuilt_is_refused_before_training(tmp_path, lineage, message):
+def test_a_recipe_that_cannot_be_rebuilt_is_refused_before_training(tmp_path, lineage, args,
+                                                                     message):
     lin = _hand_table(tmp_path, **lineage)
     result = CliRunner().invoke(main, ["fine-tune", "--store", str(tmp_path), "--model",
-                                       f"{lin.key}/logreg"])
+                                       f"{lin.key}/logreg", *args])
     assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not Store(tmp_path).paths.training.exists()  # nothing trained
 
 
 def test_a_head_that_is_not_keras_is_refused(tmp_path):

@@ -65,12 +65,15 @@ def image_paths(store: Store, paths: pd.Series) -> list[Path | None]:
 
 
 def write_gallery(out_dir: Path, store: Store, suspects: pd.DataFrame, rows: pd.DataFrame,
-                  X: np.ndarray, *, k: int, context: dict) -> Path:
+                  X: np.ndarray, *, k: int, context: dict, heatmaps=None) -> Path:
     """Render ``out_dir/index.html`` with thumbnails under ``out_dir/thumbs``.
 
     ``rows`` are the audited images in the order of ``X`` (columns image_id,
     given_label, path); ``suspects`` (image_id, given_label, suggested_label,
-    score, rank, path) are shown worst first.
+    score, rank, path) are shown worst first. ``heatmaps``, a callable
+    ``[(image_id, path), ...] -> ({image_id: relative png}, note)`` (the
+    report's :class:`pipelines.explain.gallery.GalleryHeatmaps` bound to the
+    audited heads), puts a heatmap beside each suspect's thumbnail.
     """
     suspects = suspects.sort_values("rank")
     position = pd.Series(np.arange(len(rows)), index=rows["image_id"].to_numpy())
@@ -95,4 +98,11 @@ def write_gallery(out_dir: Path, store: Store, suspects: pd.DataFrame, rows: pd.
         items.append({**suspect._asdict(), "thumb": thumb(suspect.image_id),
                       "same": neighbours(same[0][j], same[1][j]),
                       "other": neighbours(other[0][j], other[1][j])})
-    return render_page(out_dir, "pipelines.audit", "audit.html", suspects=items, **context)
+    found, note = {}, None
+    if heatmaps is not None:
+        found, note = heatmaps([(s["image_id"], files[s["image_id"]]) for s in items
+                                if s["thumb"]])
+    for s in items:
+        s["heatmap"] = found.get(s["image_id"])
+    return render_page(out_dir, "pipelines.audit", "audit.html", suspects=items,
+                       heatmap_note=note, **context)

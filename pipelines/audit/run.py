@@ -75,6 +75,10 @@ class AuditLabelsConfig:
     """Say explicitly that held-out images are audited and may change in the view."""
     neighbours: int = 4
     """Nearest images shown per suspect and label in the gallery (0: no gallery)."""
+    heatmaps: bool = False
+    """Draw a heatmap (``featurestore explain``) beside each suspect's thumbnail, by the
+    first audited head that can be explained; it builds that head's backbone, so it is
+    opt-in."""
     run: str | None = None
     """Name of the audit run folder; default ``<UTC time>-<method>``."""
     view: str | None = None
@@ -189,9 +193,22 @@ def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditLabelsConf
             path_of.get(i, "") for i in scores.image_id],
             "given_label": classes[scores.labels]})
         page = write_gallery(run_dir, store, suspects, rows, X, k=config.neighbours,
-                             context=context)
+                             context=context, heatmaps=_heatmaps(store, key, scores.heads,
+                                                                 run_dir, config))
         echo(f"Gallery: {page}")
     return AuditResult(key, config.method, scores.heads, ranking, suspects, run_dir)
+
+
+def _heatmaps(store: Store, key: str, heads: list[str], run_dir: Path, config):
+    """The gallery's heatmap writer for the audited heads; linear heads first (exact, cheapest)."""
+    if not config.heatmaps:
+        return None
+    from pipelines.explain.gallery import GalleryHeatmaps
+    from pipelines.explain.run import LINEAR_HEADS
+
+    names = sorted(heads, key=lambda h: h.partition("@")[0] not in LINEAR_HEADS)
+    writer = GalleryHeatmaps(store, run_dir)
+    return lambda images: writer([f"{key}/{h}" for h in names if h != "neighbours"], images)
 
 
 def _wants_vote(config: AuditLabelsConfig, scores) -> bool:
@@ -326,6 +343,8 @@ def format_views(store: str | Path | Store) -> str:
               help="Allow auditing and changing held-out images (val/test) explicitly.")
 @click.option("--neighbours", type=click.IntRange(min=0), default=4, show_default=True,
               help="Neighbours per suspect and label in the gallery (0: no gallery).")
+@click.option("--heatmaps", is_flag=True,
+              help="Heatmap beside each suspect's thumbnail (builds the head's backbone).")
 @click.option("--run", default=None, help="Audit run folder name [default: time-method].")
 @click.option("--view", default=None, help="Name of the view to create.")
 @click.option("--accept-top", type=click.IntRange(min=1), default=None,

@@ -53,9 +53,7 @@ def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
                  if r.table_key == table_key and (r.path / file).exists()]
     names = [r.head + (f"@{r.view}" if r.view else "") for r in available]
     if heads is None:
-        # The ensemble's scores are its members' weighted mean: it would count them twice.
-        heads = [r.head for r in available if r.view is None and r.head != "ensemble"] or \
-            [r.head for r in available if r.view is None]
+        heads = _default_heads(available)
     if not heads:
         raise FeatureStoreError(f"No fitted heads with {file} on table {table_key}; run "
                                 f"`featurestore fit-heads --table {table_key}` first. Heads "
@@ -70,6 +68,20 @@ def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
         frame = pd.read_parquet(prediction_file(path.parent, file))  # saved with this model?
         frames.append((name, frame.sort_values("image_id", ignore_index=True)))
     return _ensemble(frames, split, calibration)
+
+
+def _default_heads(available) -> list[str]:
+    """The feature heads fitted on the whole table: what a user means by "the table's heads".
+
+    The ensemble's scores are its members' weighted mean: it would count them
+    twice. A fine-tuned model (``<head>+ft``) is ranked under the table's key
+    and has a ``heldout.parquet``, but it reads pixels with a retrained
+    backbone, not the audited features: it joins an audit only when named.
+    """
+    from pipelines.cnn.predict import is_end_to_end
+
+    heads = [r for r in available if r.view is None and not is_end_to_end(r)]
+    return [r.head for r in heads if r.head != "ensemble"] or [r.head for r in heads]
 
 
 def _ensemble(frames: list[tuple[str, pd.DataFrame]], split: str, calibration: str) -> Scores:

@@ -163,7 +163,8 @@ def run_train_cnn(config: TrainCnnConfig, echo: Callable[[str], None] = print) -
 def _recipe(config: TrainCnnConfig, splits) -> dict:
     params = {k: v for k, v in asdict(config).items() if k not in ("store", "resume")}
     params["filters"] = list(config.filters)
-    params["class_weight"] = str(config.class_weight)
+    # None (Python) and "none" (the CLI) are one recipe, so either may resume the other's run.
+    params["class_weight"] = str(parse_class_weight(config.class_weight))
     return {"table": f"images/{config.image_size}", "architecture": "cnn",
             "manifest_digest": splits.digest, "classes": [str(c) for c in splits.classes],
             "rows": {s: int(len(v.labels)) for s, v in splits.splits.items()},

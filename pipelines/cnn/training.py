@@ -99,8 +99,14 @@ def _resumed(work_dir: Path, recipe: dict, echo):
         raise FeatureStoreError(f"The checkpoint in {work_dir} is of another recipe (data, "
                                 f"architecture or parameters changed); rerun without --resume "
                                 f"to start afresh.")
-    log = pd.read_csv(history)
-    model = keras.saving.load_model(best, safe_mode=True)
+    try:
+        log = pd.read_csv(history)
+        model = keras.saving.load_model(best, safe_mode=True)
+    except Exception as err:  # Keras raises many types for a cut-off zip
+        # ModelCheckpoint writes in place, so a kill while it saves leaves half a file.
+        raise FeatureStoreError(f"The checkpoint in {work_dir} cannot be read ({type(err).__name__}"
+                                f"), likely cut off by a kill while it was written; rerun "
+                                f"without --resume to start afresh.") from err
     echo(f"Resuming after epoch {len(log)} from {best} (best val_loss "
          f"{log['val_loss'].min():.4f}).")
     return model, len(log), float(log["val_loss"].min())
