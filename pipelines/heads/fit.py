@@ -37,11 +37,12 @@ from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_repor
 from classifiers.registry import create_head, get_head_spec, list_heads
 from classifiers.tuning import TuningResult, select_ensemble, tune_head, study_name
 from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
-from featurestore._io import atomic_write, utc_now
+from featurestore._io import utc_now
 from featurestore.views import View, ViewStore, apply_view
-from pipelines.heads.leaderboard import format_leaderboard, update_leaderboard
+from pipelines.heads.leaderboard import format_leaderboard, head_row, update_leaderboard
 from pipelines.heads.shared import refit_claimant, run_workers
-from pipelines.heads.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, save_model
+from pipelines.heads.models import save_model
+from pipelines.heads.predictions import prediction_files, save_held_out  # noqa: F401 (cnn)
 
 SEARCHES = ("optuna", "none")
 
@@ -229,7 +230,7 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
         head_result = _finish_head(store, lineage, head, search, objective, classes,
                                    (X, y, groups, y_enc, ids, fold_of), held_out, config, view)
         result.heads[head] = head_result
-        rows.append(_leaderboard_row(lineage, head_result, objective, eval_split, is_raw,
+        rows.append(head_row(lineage, head_result, objective, eval_split, is_raw,
                                      time.perf_counter() - started, config.view))
         echo(_head_summary(head_result, objective))
     result.leaderboard = update_leaderboard(store, rows)
@@ -290,7 +291,7 @@ def _finish_head(store, lineage, head, search: TuningResult, objective, classes,
                               "seed": config.seed, "cv_score": search.value,
                               "study_name": search.study_name, "metrics": metrics,
                               "fitted_at": utc_now(), "view_info": _view_info(view)},
-                        view=config.view, extra_files=_prediction_files(
+                        view=config.view, extra_files=prediction_files(
                             train, search, classes, held_out, held_proba, predicted))
     estimator.clear()
     return HeadResult(head, search, threshold, metrics, folder, refit_seconds)
@@ -301,66 +302,6 @@ def _view_info(view: View | None) -> dict | None:
         return None
     return {"name": view.name, "revision": view.revision, "digest": view.digest,
             "covers_heldout": view.covers_heldout, **view.counts()}
-
-
-def _prediction_files(train, search: TuningResult, classes, held_out, held_proba,
-                      predicted) -> dict:
-    """Writers of oof.parquet and (with held-out rows) heldout.parquet, saved with the model."""
-    _, y, _, _, ids, fold_of = train
-    raw = ids["aug_id"] == 0
-    files = {OOF_FILE: lambda path: _save_oof(path, ids[raw], y[raw], fold_of[raw],
-                                              search.oof[raw], classes)}
-    if held_proba is not None:
-        files[HELDOUT_FILE] = lambda path: _save_held_out(path, held_out, held_proba, classes,
-                                                          predicted)
-    return files
-
-
-def _save_oof(path: Path, ids, labels, fold, proba, classes) -> None:
-    """Out-of-fold probabilities of the raw train rows, for later label audits.
-
-    Columns: ``image_id``, ``label``, ``fold`` (the fold that scored the row)
-    and ``proba_<label>`` per class.
-    """
-    _save_predictions(path, ids, labels, {"fold": fold}, proba, classes)
-
-
-def _save_held_out(path: Path, held_out, proba, classes, predicted) -> None:
-    """The refitted head's predictions on the held-out raw rows, as ``predict`` would make them.
-
-    Columns: ``image_id``, ``label`` (given), ``predicted`` (decided with the
-    saved threshold) and ``proba_<label>`` per class.
-    """
-    _, labels, ids = held_out
-    _save_predictions(path, ids, labels,
-                      {"predicted": np.asarray(classes)[predicted].astype(str)}, proba, classes)
-
-
-def _save_predictions(path: Path, ids, labels, extra: dict, proba, classes) -> None:
-    frame = pd.DataFrame({"image_id": ids["image_id"], "label": labels.astype(str), **extra})
-    for k, label in enumerate(classes):
-        frame[f"{PROBA_PREFIX}{label}"] = proba[:, k]
-    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
-
-
-def _leaderboard_row(lineage, result: HeadResult, objective, eval_split, is_raw,
-                     seconds, view: str | None = None) -> dict:
-    metrics = result.metrics or {}
-    times = result.search.trial_seconds
-    return {
-        "table_key": lineage.key, "head": result.head, "objective": objective.label,
-        "view": view or "", "table": lineage.name,
-        "train_raw_rows": int(is_raw.sum()), "train_aug_rows": int((~is_raw).sum()),
-        "cv_score": result.search.value, "eval_split": eval_split,
-        "accuracy": metrics.get("accuracy"), "balanced_accuracy": metrics.get("balanced_accuracy"),
-        "roc_auc": metrics.get("roc_auc"), "f1_macro": metrics.get("f1_macro"),
-        "recall": metrics.get("recall"), "specificity": metrics.get("specificity"),
-        "threshold": result.threshold, "trials": result.search.n_complete,
-        "pruned": result.search.n_pruned, "failed": result.search.n_failed,
-        "sec_per_trial": float(np.mean(times)) if times else None,
-        "refit_sec": result.refit_seconds, "total_sec": seconds,
-        "params": str(result.search.params), "updated_at": utc_now(),
-    }
 
 
 def _head_summary(result: HeadResult, objective: Objective) -> str:
