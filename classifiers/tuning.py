@@ -20,11 +20,16 @@ search goes on with another trial; it does not count toward ``n_trials``
 either, but a study stops taking trials once ``n_trials`` of them have
 failed, so a head that always fails ends with :class:`TuningError`.
 
-A trial reports its score after every fold and a ``MedianPruner`` stops a
-trial whose score falls below the median of earlier trials at the same fold,
-from the first fold on (after five trials): a poor configuration costs one
-fold instead of five, which is what keeps a 20-trial search of every head on
-20,800 x 1,024 within reach of half an hour on two cores.
+Folds are the budget of successive halving (``pruner="halving"``, the
+default; Optuna's asynchronous ``SuccessiveHalvingPruner``, reduction factor 3):
+a trial reports the mean score of its folds so far after every fold; after one
+fold it must be in the top third of the trials that got that far to earn two
+more, and after three folds in the top third again to earn the last two. Most
+trials cost one fold, the promising ones all five, and workers sharing a study
+never wait for each other's rungs. ``pruner="median"`` is the earlier rule: a
+``MedianPruner`` stopped a trial whose fold score fell below the median of
+earlier trials at the same fold, after five unpruned trials (28.3 min for six
+heads x 20 trials on 20,800 x 1,024 on two cores; see ``benchmarks/bench_heads.py``).
 
 Keras heads fit their folds in a recycled child process
 (:mod:`classifiers.workers`), because TensorFlow keeps memory per trained model
@@ -58,14 +63,26 @@ from classifiers.studies import (FAIL_REASON, GRACE_SECONDS, LOCK_TIMEOUT, WORKE
                                  requeue_killed, study_lock, worker_name)
 from classifiers.workers import FoldWorker
 
-__all__ = ["TuningError", "TuningResult", "get_storage", "head_fixed_params", "select_ensemble",
-           "study_name", "tune_head"]
+__all__ = ["PRUNERS", "TuningError", "TuningResult", "get_storage", "head_fixed_params",
+           "make_pruner", "select_ensemble", "study_name", "tune_head"]
 
 _log = logging.getLogger(__name__)
 
 
 class TuningError(ClassifierError):
     """A search produced no completed trial; the message gives the failure reasons."""
+
+
+PRUNERS = ("halving", "median")
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """The pruner ``halving`` (folds as the budget) or ``median`` (the earlier rule)."""
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    raise ClassifierError(f"Unknown pruner {name!r}. Available: {', '.join(PRUNERS)}.")
 
 
 def study_name(table_key: str, head: str, objective: Objective, *, cv: int, seed: int,
@@ -118,6 +135,7 @@ class _Problem:
     groups: np.ndarray
     folds: list[Fold]
     objective: Objective
+    pruner: str = "halving"
 
     def __post_init__(self):
         self.classes = np.unique(self.y)
@@ -133,15 +151,19 @@ class _Problem:
         With a ``worker``, folds are fitted in its child process.
         """
         spec = get_head_spec(self.head)
+        scores: list[float] = []
 
         def on_fold(k, y_fold, proba_fold):
             if trial is None:
                 return
             value = score(self.objective, y_fold, proba_fold)
             if math.isfinite(value):
-                trial.report(value, k)
+                scores.append(value)
+                # Halving's rungs count folds done; a mean over them is steadier than one fold.
+                trial.report(*((float(np.mean(scores)), len(scores)) if self.pruner == "halving"
+                               else (value, k)))
                 if trial.should_prune():
-                    raise optuna.TrialPruned(f"fold {k}: {value:.4f} below the median")
+                    raise optuna.TrialPruned(f"fold {k}: {value:.4f}, pruned ({self.pruner})")
 
         oof = cross_val_proba(lambda: create_head(self.head, **params), self.X, self.y,
                               self.groups, self.folds, self.classes, on_fold=on_fold,
@@ -177,7 +199,8 @@ def tune_head(head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
                timeout: float | None = None, seed: int = 0,
                fixed_params: Mapping[str, Any] | None = None,
                storage: None | str | optuna.storages.BaseStorage = None,
-               study_name: str | None = None, search: bool = True) -> TuningResult:
+               study_name: str | None = None, search: bool = True,
+               pruner: str = "halving") -> TuningResult:
     """Tune head ``head`` on ``X (n_rows, n_features)`` with the given folds.
 
     ``y (n_rows,)`` are the labels (class weights name them); ``groups`` the
@@ -185,9 +208,10 @@ def tune_head(head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
     of the out-of-fold probabilities follow ``numpy.unique(y)``.
     ``search=False`` skips Optuna and scores the head's default parameters
     (plus ``fixed_params``) once. ``fixed_params`` a head does not accept
-    (``n_jobs`` for logreg) are dropped for that head.
+    (``n_jobs`` for logreg) are dropped for that head. ``pruner``: see :data:`PRUNERS`.
     """
-    problem = _Problem(head, X, np.asarray(y), groups, folds, objective)
+    make_pruner(pruner)  # an unknown name fails before any work
+    problem = _Problem(head, X, np.asarray(y), groups, folds, objective, pruner)
     fixed = head_fixed_params(head, fixed_params or {})
     if not search:
         started = time.perf_counter()
@@ -241,7 +265,7 @@ class _Tuning:
                 self.study = optuna.create_study(
                     storage=self.storage, study_name=name, direction="maximize",
                     sampler=TrialSeededSampler(seed),
-                    pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+                    pruner=make_pruner(problem.pruner),
                     load_if_exists=True)
         finally:
             self._release()
