@@ -162,7 +162,8 @@ class _Problem:
                 # Halving's rungs count folds done; a mean over them is steadier than one fold.
                 trial.report(*((float(np.mean(scores)), len(scores)) if self.pruner == "halving"
                                else (value, k)))
-                if trial.should_prune():
+                # After the last fold the trial's result is paid for: keep it.
+                if k < len(self.folds) - 1 and trial.should_prune():
                     raise optuna.TrialPruned(f"fold {k}: {value:.4f}, pruned ({self.pruner})")
 
         oof = cross_val_proba(lambda: create_head(self.head, **params), self.X, self.y,
