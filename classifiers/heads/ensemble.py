@@ -12,9 +12,9 @@ members' out-of-fold probabilities. ``fit-heads --heads logreg,xgboost,ensemble`
 instead passes the other heads' tuned parameters (``member_params``) and the
 weights selected on their outer out-of-fold predictions (``weights``), and
 builds the ensemble with :meth:`EnsembleHead.fit_members` from the members it
-has just refitted itself, so no member is fitted twice. Each member is saved in its own format
-(skops, ``.ubj``, ``.keras``) under a ``m<i>-`` file prefix; the weights travel
-in ``model.json``.
+has just refitted itself, so no member is fitted twice. Each member is saved
+in its own format (skops, ``.ubj``, ``.keras``) under a ``m<i>-`` file
+prefix; the weights travel in ``model.json``.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from featurestore.views import View, ViewStore, apply_view
 from pipelines.heads.leaderboard import format_leaderboard, head_row, update_leaderboard
 from pipelines.heads.shared import claim_study, refit_claimant, run_workers
 from pipelines.heads.models import save_model
-from pipelines.heads.predictions import prediction_files, save_held_out  # noqa: F401 (cnn)
+from pipelines.heads.predictions import prediction_files
 
 SEARCHES = ("optuna", "none")
 
