@@ -45,7 +45,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +64,7 @@ from classifiers.studies import (FAIL_REASON, GRACE_SECONDS, LOCK_TIMEOUT, WORKE
 from classifiers.workers import FoldWorker
 
 __all__ = ["PRUNERS", "TuningError", "TuningResult", "get_storage", "head_fixed_params",
-           "make_pruner", "select_ensemble", "study_name", "tune_head"]
+           "make_pruner", "study_name", "tune_head"]
 
 _log = logging.getLogger(__name__)
 
@@ -107,9 +107,8 @@ class TuningResult:
     """Full constructor parameters of the best trial (search space plus fixed ones)."""
     value: float
     """Objective value of the best trial on the pooled out-of-fold predictions."""
-    oof: np.ndarray
-    """``(n_rows, n_classes)`` out-of-fold probabilities of the best params; NaN on
-    augmented rows (never scored)."""
+    _oof: np.ndarray | Callable[[], np.ndarray]
+    """The array of :attr:`oof`, or the function that computes it."""
     study_name: str | None = None
     n_complete: int = 0
     n_pruned: int = 0
@@ -123,6 +122,19 @@ class TuningResult:
     fail_reasons: list[str] = field(default_factory=list)
     best_trial: int | None = None
     """Number of the best trial in the study (None without a search)."""
+
+    @property
+    def oof(self) -> np.ndarray:
+        """``(n_rows, n_classes)`` out-of-fold probabilities of the best params; NaN on
+        augmented rows (never scored).
+
+        When the best trial ran in another process they are recomputed on first
+        use (one cross-validation), so a worker that leaves the refit to another
+        never pays for them.
+        """
+        if callable(self._oof):
+            self._oof = self._oof()
+        return self._oof
 
 
 @dataclass
@@ -224,32 +236,6 @@ def tune_head(head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
         return search_.run(n_trials, timeout)
     with FoldWorker(X, np.asarray(y), groups) as search_.worker:
         return search_.run(n_trials, timeout)
-
-
-def select_ensemble(members: Mapping[str, TuningResult], y: np.ndarray, folds: list[Fold], *,
-                    objective: Objective, fixed_params: Mapping[str, Any] | None = None,
-                    n_iter: int = 25) -> TuningResult:
-    """The ``ensemble`` head over tuned ``members``: weights by greedy selection on their OOF.
-
-    No new trial is run: the members' out-of-fold probabilities (same folds)
-    are the ensemble's candidates, and its out-of-fold probabilities are their
-    weighted mean, scored like any trial. ``y (n_rows,)`` are the labels.
-    """
-    from classifiers.heads.ensemble import greedy_selection
-
-    started = time.perf_counter()
-    names = list(members)
-    rows = np.concatenate([f.test for f in folds])
-    classes = np.unique(y)
-    y_enc = np.searchsorted(classes, y)
-    weights = greedy_selection([members[n].oof[rows] for n in names], y_enc[rows], n_iter)
-    oof = sum(w * members[n].oof for w, n in zip(weights, names))
-    params = {**head_fixed_params("ensemble", fixed_params or {}), "n_iter": n_iter,
-              "member_params": {n: dict(members[n].params) for n in names},
-              "weights": [float(w) for w in weights]}
-    value = score(objective, y_enc[rows], oof[rows])
-    return TuningResult("ensemble", params, float(value), oof, n_complete=1,
-                        trial_seconds=[time.perf_counter() - started])
 
 
 class _Tuning:
@@ -391,14 +377,25 @@ class _Tuning:
         if self.best is not None and self.best[0] == best.number:
             oof = self.best[2]
         else:
-            # The best trial ran in an earlier process: recompute its predictions
-            # (the folds and the head's seed make them the same).
-            _, oof = self.problem.cross_validate(params, worker=self.worker)
+            # The best trial ran in another process: its predictions are recomputed
+            # when needed (the folds and the head's seed make them the same).
+            oof = self._recompute(params)
         return TuningResult(
             self.problem.head, params, float(best.value), oof, self.study.study_name,
             n_complete=states[TrialState.COMPLETE], n_pruned=states[TrialState.PRUNED],
             n_failed=len(fails), n_resumed=self.resumed, n_retried=self.retried,
             trial_seconds=list(self.durations), fail_reasons=fails, best_trial=best.number)
+
+
+    def _recompute(self, params: dict) -> Callable[[], np.ndarray]:
+        problem, uses_keras = self.problem, self.spec.uses_keras
+
+        def oof() -> np.ndarray:
+            if not uses_keras:
+                return problem.cross_validate(params)[1]
+            with FoldWorker(problem.X, problem.y, problem.groups) as worker:
+                return problem.cross_validate(params, worker=worker)[1]
+        return oof
 
 
 def _past(deadline: float | None) -> bool:

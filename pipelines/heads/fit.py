@@ -35,7 +35,8 @@ from classifiers.errors import ClassifierError
 from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_report,
                                  make_objective, recall_floor_threshold)
 from classifiers.registry import create_head, get_head_spec, list_heads
-from classifiers.tuning import PRUNERS, TuningResult, select_ensemble, study_name, tune_head
+from classifiers.selection import select_ensemble
+from classifiers.tuning import PRUNERS, TuningResult, study_name, tune_head
 from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
 from featurestore._io import utc_now
 from featurestore.views import View, ViewStore, apply_view
