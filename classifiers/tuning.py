@@ -20,11 +20,16 @@ search goes on with another trial; it does not count toward ``n_trials``
 either, but a study stops taking trials once ``n_trials`` of them have
 failed, so a head that always fails ends with :class:`TuningError`.
 
-A trial reports its score after every fold and a ``MedianPruner`` stops a
-trial whose score falls below the median of earlier trials at the same fold,
-from the first fold on (after five trials): a poor configuration costs one
-fold instead of five, which is what keeps a 20-trial search of every head on
-20,800 x 1,024 within reach of half an hour on two cores.
+Folds are the budget of successive halving (``pruner="halving"``, the
+default; Optuna's asynchronous ``SuccessiveHalvingPruner``, reduction factor 3):
+a trial reports the mean score of its folds so far after every fold; after one
+fold it must be in the top third of the trials that got that far to earn two
+more, and after three folds in the top third again to earn the last two. Most
+trials cost one fold, the promising ones all five, and workers sharing a study
+never wait for each other's rungs. ``pruner="median"`` is the earlier rule: a
+``MedianPruner`` stopped a trial whose fold score fell below the median of
+earlier trials at the same fold, after five unpruned trials (28.3 min for six
+heads x 20 trials on 20,800 x 1,024 on two cores; see ``benchmarks/bench_heads.py``).
 
 Keras heads fit their folds in a recycled child process
 (:mod:`classifiers.workers`), because TensorFlow keeps memory per trained model
@@ -40,7 +45,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,14 +63,26 @@ from classifiers.studies import (FAIL_REASON, GRACE_SECONDS, LOCK_TIMEOUT, WORKE
                                  requeue_killed, study_lock, worker_name)
 from classifiers.workers import FoldWorker
 
-__all__ = ["TuningError", "TuningResult", "get_storage", "head_fixed_params", "select_ensemble",
-           "study_name", "tune_head"]
+__all__ = ["PRUNERS", "TuningError", "TuningResult", "get_storage", "head_fixed_params",
+           "make_pruner", "study_name", "tune_head"]
 
 _log = logging.getLogger(__name__)
 
 
 class TuningError(ClassifierError):
     """A search produced no completed trial; the message gives the failure reasons."""
+
+
+PRUNERS = ("halving", "median")
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """The pruner ``halving`` (folds as the budget) or ``median`` (the earlier rule)."""
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    raise ClassifierError(f"Unknown pruner {name!r}. Available: {', '.join(PRUNERS)}.")
 
 
 def study_name(table_key: str, head: str, objective: Objective, *, cv: int, seed: int,
@@ -90,9 +107,8 @@ class TuningResult:
     """Full constructor parameters of the best trial (search space plus fixed ones)."""
     value: float
     """Objective value of the best trial on the pooled out-of-fold predictions."""
-    oof: np.ndarray
-    """``(n_rows, n_classes)`` out-of-fold probabilities of the best params; NaN on
-    augmented rows (never scored)."""
+    _oof: np.ndarray | Callable[[], np.ndarray]
+    """The array of :attr:`oof`, or the function that computes it."""
     study_name: str | None = None
     n_complete: int = 0
     n_pruned: int = 0
@@ -107,6 +123,19 @@ class TuningResult:
     best_trial: int | None = None
     """Number of the best trial in the study (None without a search)."""
 
+    @property
+    def oof(self) -> np.ndarray:
+        """``(n_rows, n_classes)`` out-of-fold probabilities of the best params; NaN on
+        augmented rows (never scored).
+
+        When the best trial ran in another process they are recomputed on first
+        use (one cross-validation), so a worker that leaves the refit to another
+        never pays for them.
+        """
+        if callable(self._oof):
+            self._oof = self._oof()
+        return self._oof
+
 
 @dataclass
 class _Problem:
@@ -118,6 +147,7 @@ class _Problem:
     groups: np.ndarray
     folds: list[Fold]
     objective: Objective
+    pruner: str = "halving"
 
     def __post_init__(self):
         self.classes = np.unique(self.y)
@@ -133,15 +163,20 @@ class _Problem:
         With a ``worker``, folds are fitted in its child process.
         """
         spec = get_head_spec(self.head)
+        scores: list[float] = []
 
         def on_fold(k, y_fold, proba_fold):
             if trial is None:
                 return
             value = score(self.objective, y_fold, proba_fold)
             if math.isfinite(value):
-                trial.report(value, k)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"fold {k}: {value:.4f} below the median")
+                scores.append(value)
+                # Halving's rungs count folds done; a mean over them is steadier than one fold.
+                trial.report(*((float(np.mean(scores)), len(scores)) if self.pruner == "halving"
+                               else (value, k)))
+                # After the last fold the trial's result is paid for: keep it.
+                if k < len(self.folds) - 1 and trial.should_prune():
+                    raise optuna.TrialPruned(f"fold {k}: {value:.4f}, pruned ({self.pruner})")
 
         oof = cross_val_proba(lambda: create_head(self.head, **params), self.X, self.y,
                               self.groups, self.folds, self.classes, on_fold=on_fold,
@@ -177,7 +212,8 @@ def tune_head(head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
                timeout: float | None = None, seed: int = 0,
                fixed_params: Mapping[str, Any] | None = None,
                storage: None | str | optuna.storages.BaseStorage = None,
-               study_name: str | None = None, search: bool = True) -> TuningResult:
+               study_name: str | None = None, search: bool = True,
+               pruner: str = "halving") -> TuningResult:
     """Tune head ``head`` on ``X (n_rows, n_features)`` with the given folds.
 
     ``y (n_rows,)`` are the labels (class weights name them); ``groups`` the
@@ -185,9 +221,10 @@ def tune_head(head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
     of the out-of-fold probabilities follow ``numpy.unique(y)``.
     ``search=False`` skips Optuna and scores the head's default parameters
     (plus ``fixed_params``) once. ``fixed_params`` a head does not accept
-    (``n_jobs`` for logreg) are dropped for that head.
+    (``n_jobs`` for logreg) are dropped for that head. ``pruner``: see :data:`PRUNERS`.
     """
-    problem = _Problem(head, X, np.asarray(y), groups, folds, objective)
+    make_pruner(pruner)  # an unknown name fails before any work
+    problem = _Problem(head, X, np.asarray(y), groups, folds, objective, pruner)
     fixed = head_fixed_params(head, fixed_params or {})
     if not search:
         started = time.perf_counter()
@@ -199,32 +236,6 @@ def tune_head(head: str, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
         return search_.run(n_trials, timeout)
     with FoldWorker(X, np.asarray(y), groups) as search_.worker:
         return search_.run(n_trials, timeout)
-
-
-def select_ensemble(members: Mapping[str, TuningResult], y: np.ndarray, folds: list[Fold], *,
-                    objective: Objective, fixed_params: Mapping[str, Any] | None = None,
-                    n_iter: int = 25) -> TuningResult:
-    """The ``ensemble`` head over tuned ``members``: weights by greedy selection on their OOF.
-
-    No new trial is run: the members' out-of-fold probabilities (same folds)
-    are the ensemble's candidates, and its out-of-fold probabilities are their
-    weighted mean, scored like any trial. ``y (n_rows,)`` are the labels.
-    """
-    from classifiers.heads.ensemble import greedy_selection
-
-    started = time.perf_counter()
-    names = list(members)
-    rows = np.concatenate([f.test for f in folds])
-    classes = np.unique(y)
-    y_enc = np.searchsorted(classes, y)
-    weights = greedy_selection([members[n].oof[rows] for n in names], y_enc[rows], n_iter)
-    oof = sum(w * members[n].oof for w, n in zip(weights, names))
-    params = {**head_fixed_params("ensemble", fixed_params or {}), "n_iter": n_iter,
-              "member_params": {n: dict(members[n].params) for n in names},
-              "weights": [float(w) for w in weights]}
-    value = score(objective, y_enc[rows], oof[rows])
-    return TuningResult("ensemble", params, float(value), oof, n_complete=1,
-                        trial_seconds=[time.perf_counter() - started])
 
 
 class _Tuning:
@@ -241,7 +252,7 @@ class _Tuning:
                 self.study = optuna.create_study(
                     storage=self.storage, study_name=name, direction="maximize",
                     sampler=TrialSeededSampler(seed),
-                    pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0),
+                    pruner=make_pruner(problem.pruner),
                     load_if_exists=True)
         finally:
             self._release()
@@ -366,14 +377,25 @@ class _Tuning:
         if self.best is not None and self.best[0] == best.number:
             oof = self.best[2]
         else:
-            # The best trial ran in an earlier process: recompute its predictions
-            # (the folds and the head's seed make them the same).
-            _, oof = self.problem.cross_validate(params, worker=self.worker)
+            # The best trial ran in another process: its predictions are recomputed
+            # when needed (the folds and the head's seed make them the same).
+            oof = self._recompute(params)
         return TuningResult(
             self.problem.head, params, float(best.value), oof, self.study.study_name,
             n_complete=states[TrialState.COMPLETE], n_pruned=states[TrialState.PRUNED],
             n_failed=len(fails), n_resumed=self.resumed, n_retried=self.retried,
             trial_seconds=list(self.durations), fail_reasons=fails, best_trial=best.number)
+
+
+    def _recompute(self, params: dict) -> Callable[[], np.ndarray]:
+        problem, uses_keras = self.problem, self.spec.uses_keras
+
+        def oof() -> np.ndarray:
+            if not uses_keras:
+                return problem.cross_validate(params)[1]
+            with FoldWorker(problem.X, problem.y, problem.groups) as worker:
+                return problem.cross_validate(params, worker=worker)[1]
+        return oof
 
 
 def _past(deadline: float | None) -> bool:

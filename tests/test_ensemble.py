@@ -3,6 +3,7 @@ heads it tuned in the same run (its own leaderboard row, saved weights, safe rel
 The scikit-learn and save/load conformance checks run on it in tests/test_heads.py."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import log_loss
 
 from classifiers.heads.ensemble import greedy_selection
+from classifiers.heads.knn import KNNHead
+from classifiers.heads.logreg import LogRegHead
 from featurestore import Lineage, Store
 from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
 from pipelines.heads.models import load_model
@@ -46,13 +49,27 @@ def fitted(tmp_path_factory):
     with Store(root).writer(lineage, formats=("hdf5",)) as w:
         w.append(X.astype(np.float32), image_id=[f"{i:064x}" for i in range(len(y))],
                  label=y, split=split)
-    result = run_fit_heads(FitHeadsConfig(store=root, table="digits/max", search="none", cv=3,
-                                          heads=["ensemble", "logreg", "knn"]), **QUIET)
-    return root, result, X[split == "test"].astype(np.float32)
+    fits = Counter()
+    with pytest.MonkeyPatch.context() as patch:
+        for cls in (LogRegHead, KNNHead):  # the real fits, counted
+            patch.setattr(cls, "fit", _counted(cls.fit, fits, cls.head_name))
+        result = run_fit_heads(FitHeadsConfig(store=root, table="digits/max", search="none",
+                                              cv=3, heads=["ensemble", "logreg", "knn"]),
+                               **QUIET)
+    return root, result, X[split == "test"].astype(np.float32), fits
+
+
+def _counted(fit, fits: Counter, name: str):
+    def counted_fit(self, *args, **kwargs):
+        fits[name] += 1
+        return fit(self, *args, **kwargs)
+    return counted_fit
 
 
 def test_fit_heads_selects_the_ensemble_over_the_heads_it_tuned(fitted):
-    root, result, X_test = fitted
+    root, result, X_test, fits = fitted
+    # 3 folds and 1 refit per member: the ensemble reuses the members' refits.
+    assert fits == {"logreg": 4, "knn": 4}
     assert list(result.heads) == ["logreg", "knn", "ensemble"]  # members first
     ensemble = result.heads["ensemble"]
     params = ensemble.search.params

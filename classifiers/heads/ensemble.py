@@ -10,10 +10,11 @@ non-negative and sum to 1.
 Standalone, ``fit`` draws its own grouped inner folds (``cv``) to get the
 members' out-of-fold probabilities. ``fit-heads --heads logreg,xgboost,ensemble``
 instead passes the other heads' tuned parameters (``member_params``) and the
-weights selected on their outer out-of-fold predictions (``weights``): then
-``fit`` only refits the chosen members. Each member is saved in its own format
-(skops, ``.ubj``, ``.keras``) under a ``m<i>-`` file prefix; the weights travel
-in ``model.json``.
+weights selected on their outer out-of-fold predictions (``weights``), and
+builds the ensemble with :meth:`EnsembleHead.fit_members` from the members it
+has just refitted itself, so no member is fitted twice. Each member is saved
+in its own format (skops, ``.ubj``, ``.keras``) under a ``m<i>-`` file
+prefix; the weights travel in ``model.json``.
 """
 
 from __future__ import annotations
@@ -122,20 +123,46 @@ class EnsembleHead(HeadBase):
         """Fit on ``X (n_samples, n_features)``; ``groups`` keep the inner folds grouped."""
         X, y_enc, _ = self._prepare_fit(X, y)
         members = self._members()
-        if self.weights is None:
-            weights = greedy_selection(self._inner_oof(X, y_enc, groups, members), y_enc,
-                                       self.n_iter)
-        else:
-            weights = np.asarray(self.weights, dtype=np.float64)
-            if weights.shape != (len(members),) or weights.min() < 0 or weights.sum() <= 0:
-                raise ValueError(f"weights must be {len(members)} non-negative numbers, one "
-                                 f"per member; got {self.weights!r}.")
-        self.member_names_ = [n for n, w in zip(members, weights) if w > 0]
-        self.weights_ = weights[weights > 0] / weights[weights > 0].sum()
+        weights = (self._given_weights(members) if self.weights is not None else
+                   greedy_selection(self._inner_oof(X, y_enc, groups, members), y_enc,
+                                    self.n_iter))
+        self._keep(members, weights)
         # Members see the encoded labels, so every member's columns follow classes_.
         self.members_ = [create_head(n, **members[n]).fit(X, y_enc, groups=groups)
                          for n in self.member_names_]
+        self.members_on_labels_ = False
         return self
+
+    def fit_members(self, fitted: Mapping[str, HeadBase], X, y, groups=None):
+        """Build the ensemble of given ``weights`` from members already fitted on ``(X, y)``.
+
+        ``fitted`` maps member names to heads fitted on these rows and labels with
+        their ``member_params`` (fit-heads' refits); a chosen member missing
+        there (refitted by another worker) is fitted here.
+        """
+        X, _, _ = self._prepare_fit(X, y)
+        members = self._members()
+        self._keep(members, self._given_weights(members))
+        self.members_ = [fitted[n] if n in fitted else
+                         create_head(n, **members[n]).fit(X, y, groups=groups)
+                         for n in self.member_names_]
+        for name, member in zip(self.member_names_, self.members_):
+            if not np.array_equal(member.classes_.astype(str), self.classes_.astype(str)):
+                raise ClassifierError(f"Member {name!r} was fitted on labels "
+                                      f"{list(member.classes_)}, not {list(self.classes_)}.")
+        self.members_on_labels_ = True  # their columns are labels, not encoded indices
+        return self
+
+    def _given_weights(self, members) -> np.ndarray:
+        weights = np.asarray(self.weights, dtype=np.float64)
+        if weights.shape != (len(members),) or weights.min() < 0 or weights.sum() <= 0:
+            raise ValueError(f"weights must be {len(members)} non-negative numbers, one "
+                             f"per member; got {self.weights!r}.")
+        return weights
+
+    def _keep(self, members, weights: np.ndarray) -> None:
+        self.member_names_ = [n for n, w in zip(members, weights) if w > 0]
+        self.weights_ = weights[weights > 0] / weights[weights > 0].sum()
 
     def _inner_oof(self, X, y_enc, groups, members) -> list[np.ndarray]:
         from classifiers.cv import cross_val_proba, grouped_folds
@@ -154,7 +181,9 @@ class EnsembleHead(HeadBase):
     def _proba(self, X):
         total = np.zeros((len(X), len(self.classes_)))
         for weight, member in zip(self.weights_, self.members_):
-            total[:, member.classes_] += weight * member.predict_proba(X)
+            columns = (np.searchsorted(self.classes_, member.classes_)
+                       if self.members_on_labels_ else member.classes_)
+            total[:, columns] += weight * member.predict_proba(X)
         return total
 
     # -- saving: each member in its own format, under a file prefix -----------------
@@ -171,6 +200,7 @@ class EnsembleHead(HeadBase):
     def fitted_state(self) -> dict[str, Any]:
         return {**super().fitted_state(), "member_names_": list(self.member_names_),
                 "weights_": [float(w) for w in self.weights_],
+                "members_on_labels_": bool(self.members_on_labels_),
                 "members": [{"state": m.fitted_state(), "params": m.get_params()}
                             for m in self.members_]}
 
@@ -181,6 +211,7 @@ class EnsembleHead(HeadBase):
         head._restore_state(state)
         head.member_names_ = list(state["member_names_"])
         head.weights_ = np.asarray(state["weights_"], dtype=np.float64)
+        head.members_on_labels_ = bool(state.get("members_on_labels_", False))
         head.members_ = []
         for i, (name, member) in enumerate(zip(head.member_names_, state["members"])):
             prefix = f"m{i}-"

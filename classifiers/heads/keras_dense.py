@@ -64,6 +64,10 @@ class KerasDenseHead(HeadBase):
         Adam learning rate.
     batch_size : int
         Mini-batch size.
+    steps_per_execution : int
+        Training steps per call into TensorFlow: the same updates, fewer Python
+        round trips (16 made an epoch of 14,000 x 1,024 ~25 % faster here; XLA's
+        ``jit_compile`` made it 4-10x slower on CPU, so it stays off).
     max_epochs, patience : int
         Epoch limit, and epochs without hold-out improvement before stopping
         (the best weights are restored).
@@ -78,8 +82,9 @@ class KerasDenseHead(HeadBase):
     """
 
     def __init__(self, n_layers=1, units=256, dropout=0.2, l1=0.0, l2=1e-4,
-                 learning_rate=1e-3, batch_size=256, max_epochs=40, patience=4,
-                 validation_fraction=0.15, class_weight=None, random_state=0, verbose=0):
+                 learning_rate=1e-3, batch_size=256, steps_per_execution=16, max_epochs=40,
+                 patience=4, validation_fraction=0.15, class_weight=None, random_state=0,
+                 verbose=0):
         self.n_layers = n_layers
         self.units = units
         self.dropout = dropout
@@ -87,6 +92,7 @@ class KerasDenseHead(HeadBase):
         self.l2 = l2
         self.learning_rate = learning_rate
         self.batch_size = batch_size
+        self.steps_per_execution = steps_per_execution
         self.max_epochs = max_epochs
         self.patience = patience
         self.validation_fraction = validation_fraction
@@ -113,7 +119,8 @@ class KerasDenseHead(HeadBase):
             kernel_initializer=keras.initializers.GlorotUniform(seed=self.random_state)))
         model = keras.Sequential(layers)
         model.compile(optimizer=keras.optimizers.Adam(self.learning_rate),
-                      loss="sparse_categorical_crossentropy")
+                      loss="sparse_categorical_crossentropy", jit_compile=False,
+                      steps_per_execution=self.steps_per_execution)
         return model
 
     def fit(self, X, y, groups=None, sample_weight=None):

@@ -22,7 +22,7 @@ from classifiers.metrics import decide, evaluation_report, recall_floor_threshol
 from featurestore import Store
 from featurestore._io import utc_now
 from pipelines.cnn.data import SplitImages
-from pipelines.heads.fit import _save_held_out
+from pipelines.heads.predictions import save_held_out as _save_held_out
 from pipelines.heads.leaderboard import update_leaderboard
 from pipelines.heads.model_folder import write_model_folder
 from pipelines.heads.models import HELDOUT_FILE, library_versions, model_dir

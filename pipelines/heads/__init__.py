@@ -4,6 +4,8 @@
 * :mod:`~pipelines.heads.models`: saved heads with the lineage of their features;
 * :mod:`~pipelines.heads.model_folder`: a model folder written as a unit, checked before use;
 * :mod:`~pipelines.heads.leaderboard`: every head on every table, compared;
+* :mod:`~pipelines.heads.predictions`: the out-of-fold and held-out predictions saved with a head;
+* :mod:`~pipelines.heads.shared`: one search shared by several workers, one refit;
 * :mod:`~pipelines.heads.predict`: ``featurestore predict``, new images through a saved head.
 """
 

@@ -35,13 +35,15 @@ from classifiers.errors import ClassifierError
 from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_report,
                                  make_objective, recall_floor_threshold)
 from classifiers.registry import create_head, get_head_spec, list_heads
-from classifiers.tuning import TuningResult, select_ensemble, tune_head, study_name
+from classifiers.selection import select_ensemble
+from classifiers.tuning import PRUNERS, TuningResult, study_name, tune_head
 from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
-from featurestore._io import atomic_write, utc_now
+from featurestore._io import utc_now
 from featurestore.views import View, ViewStore, apply_view
-from pipelines.heads.leaderboard import format_leaderboard, update_leaderboard
-from pipelines.heads.shared import refit_claimant, run_workers
-from pipelines.heads.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, save_model
+from pipelines.heads.leaderboard import format_leaderboard, head_row, update_leaderboard
+from pipelines.heads.shared import claim_study, refit_claimant, run_workers
+from pipelines.heads.models import save_model
+from pipelines.heads.predictions import prediction_files
 
 SEARCHES = ("optuna", "none")
 
@@ -86,7 +88,11 @@ class FitHeadsConfig:
     apply to the train split; the held-out split changes only if the view says it
     covers held-out images."""
     workers: int = 1
-    """Local worker processes sharing each head's study (see ``pipelines.heads.shared``)."""
+    """Local worker processes sharing each head's study (see ``pipelines.heads.shared``);
+    each starts on another head and gets ``cores // workers`` threads."""
+    pruner: str = "halving"
+    """Trial pruning (``classifiers.tuning.PRUNERS``): ``halving``, folds as the budget of
+    successive halving; ``median``, the earlier median rule."""
     since: float | None = None
     """Start (``time.time()``) of the run this worker belongs to; refit claims older than
     it are an earlier run's. None: now."""
@@ -165,6 +171,9 @@ def _check_config(config: FitHeadsConfig) -> None:
                                 f"got {config.timeout}.")
     if not 0 <= config.seed < 2**32:
         raise FeatureStoreError(f"seed must be between 0 and 2**32 - 1; got {config.seed}.")
+    if config.pruner not in PRUNERS:
+        raise FeatureStoreError(
+            f"pruner must be one of {', '.join(PRUNERS)}; got {config.pruner!r}.")
     if config.workers < 1:
         raise FeatureStoreError(f"workers must be >= 1; got {config.workers}.")
     if config.eval_split not in (None, "val", "test"):
@@ -209,17 +218,14 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
          f"train rows, {X.shape[1]} features, classes {', '.join(map(str, classes))}; "
          f"{config.cv}-fold grouped CV, objective {objective.label}.")
     result = FitHeadsResult(lineage.key, objective, eval_split)
-    rows = []
+    rows, searches = [], {}
+    # Member refits stay fitted until the ensemble is built from them.
+    kept: dict | None = {} if "ensemble" in config.heads else None
+    searcher = _Searcher(config, storage, lineage.key, study_fixed, fixed, objective,
+                         (X, y, groups, folds))
     for head in _ensemble_last(config.heads):
         started = time.perf_counter()
-        members = {h: r.search for h, r in result.heads.items()}
-        search = select_ensemble(members, y, folds, objective=objective, fixed_params=fixed) \
-            if head == "ensemble" and members else tune_head(
-            head, X, y, groups, folds, objective=objective,
-            n_trials=config.n_trials, timeout=config.timeout, seed=config.seed,
-            fixed_params=fixed, storage=storage, search=config.search == "optuna",
-            study_name=study_name(lineage.key, head, objective, cv=config.cv,
-                                  seed=config.seed, fixed_params=study_fixed))
+        search = searcher.search(head, searches)
         claimant = refit_claimant(storage, search, since)
         if claimant:
             result.refit_elsewhere[head] = claimant
@@ -227,13 +233,49 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
                  f"worker {claimant} refits and saves it.")
             continue
         head_result = _finish_head(store, lineage, head, search, objective, classes,
-                                   (X, y, groups, y_enc, ids, fold_of), held_out, config, view)
+                                   (X, y, groups, y_enc, ids, fold_of), held_out, config, view,
+                                   kept)
         result.heads[head] = head_result
-        rows.append(_leaderboard_row(lineage, head_result, objective, eval_split, is_raw,
-                                     time.perf_counter() - started, config.view))
+        rows.append(head_row(lineage, head_result, objective, eval_split, is_raw,
+                             time.perf_counter() - started, config.view))
         echo(_head_summary(head_result, objective))
+    for estimator in (kept or {}).values():
+        estimator.clear()
     result.leaderboard = update_leaderboard(store, rows)
     return result
+
+
+@dataclass
+class _Searcher:
+    """Each head's search: its Optuna study, or the ensemble's selection over the others'."""
+
+    config: FitHeadsConfig
+    storage: str
+    table_key: str
+    study_fixed: dict
+    fixed: dict
+    objective: Objective
+    train: tuple
+    """``(X, y, groups, folds)`` of the train split."""
+
+    def search(self, head: str, searches: dict[str, TuningResult]) -> TuningResult:
+        """Tune ``head`` (recorded in ``searches``), or select the ensemble over ``searches``."""
+        config, (X, y, groups, folds) = self.config, self.train
+        members = {"members": sorted(searches)} if head == "ensemble" else {}
+        name = study_name(self.table_key, head, self.objective, cv=config.cv, seed=config.seed,
+                          fixed_params={**self.study_fixed, **members})
+        if head == "ensemble" and searches:
+            search = select_ensemble(searches, y, folds, objective=self.objective,
+                                     fixed_params=self.fixed)
+            if config.search == "optuna":  # shared like the members': one worker refits it
+                search.study_name = claim_study(self.storage, name)
+            return search
+        searches[head] = tune_head(
+            head, X, y, groups, folds, objective=self.objective, n_trials=config.n_trials,
+            timeout=config.timeout, seed=config.seed, fixed_params=self.fixed,
+            storage=self.storage, search=config.search == "optuna", study_name=name,
+            pruner=config.pruner)
+        return searches[head]
 
 
 def _ensemble_last(heads: Sequence[str]) -> list[str]:
@@ -260,8 +302,13 @@ def _held_out(reader: TableReader, wanted: str | None, view: View | None = None,
 
 
 def _finish_head(store, lineage, head, search: TuningResult, objective, classes, train,
-                 held_out, config, view: View | None = None) -> HeadResult:
-    """Threshold from OOF predictions, refit on all train rows, evaluate, save."""
+                 held_out, config, view: View | None = None,
+                 kept: dict | None = None) -> HeadResult:
+    """Threshold from OOF predictions, refit on all train rows, evaluate, save.
+
+    With ``kept``, a member's refit is kept there (not cleared) and the ensemble
+    is built from the refits kept there.
+    """
     X, y, groups, y_enc, ids, fold_of = train
     raw = ids["aug_id"] == 0
     threshold = None
@@ -270,7 +317,11 @@ def _finish_head(store, lineage, head, search: TuningResult, objective, classes,
             y_enc[raw] == objective.positive, search.oof[raw, objective.positive],
             objective.min_recall).threshold
     started = time.perf_counter()
-    estimator = create_head(head, **search.params).fit(X, y, groups=groups)
+    estimator = create_head(head, **search.params)
+    if head == "ensemble" and search.params.get("weights") is not None:
+        estimator.fit_members(kept or {}, X, y, groups=groups)
+    else:
+        estimator.fit(X, y, groups=groups)
     refit_seconds = time.perf_counter() - started
     metrics = held_proba = predicted = None
     if held_out is not None:
@@ -290,9 +341,12 @@ def _finish_head(store, lineage, head, search: TuningResult, objective, classes,
                               "seed": config.seed, "cv_score": search.value,
                               "study_name": search.study_name, "metrics": metrics,
                               "fitted_at": utc_now(), "view_info": _view_info(view)},
-                        view=config.view, extra_files=_prediction_files(
+                        view=config.view, extra_files=prediction_files(
                             train, search, classes, held_out, held_proba, predicted))
-    estimator.clear()
+    if kept is not None and head != "ensemble":
+        kept[head] = estimator
+    else:
+        estimator.clear()
     return HeadResult(head, search, threshold, metrics, folder, refit_seconds)
 
 
@@ -301,66 +355,6 @@ def _view_info(view: View | None) -> dict | None:
         return None
     return {"name": view.name, "revision": view.revision, "digest": view.digest,
             "covers_heldout": view.covers_heldout, **view.counts()}
-
-
-def _prediction_files(train, search: TuningResult, classes, held_out, held_proba,
-                      predicted) -> dict:
-    """Writers of oof.parquet and (with held-out rows) heldout.parquet, saved with the model."""
-    _, y, _, _, ids, fold_of = train
-    raw = ids["aug_id"] == 0
-    files = {OOF_FILE: lambda path: _save_oof(path, ids[raw], y[raw], fold_of[raw],
-                                              search.oof[raw], classes)}
-    if held_proba is not None:
-        files[HELDOUT_FILE] = lambda path: _save_held_out(path, held_out, held_proba, classes,
-                                                          predicted)
-    return files
-
-
-def _save_oof(path: Path, ids, labels, fold, proba, classes) -> None:
-    """Out-of-fold probabilities of the raw train rows, for later label audits.
-
-    Columns: ``image_id``, ``label``, ``fold`` (the fold that scored the row)
-    and ``proba_<label>`` per class.
-    """
-    _save_predictions(path, ids, labels, {"fold": fold}, proba, classes)
-
-
-def _save_held_out(path: Path, held_out, proba, classes, predicted) -> None:
-    """The refitted head's predictions on the held-out raw rows, as ``predict`` would make them.
-
-    Columns: ``image_id``, ``label`` (given), ``predicted`` (decided with the
-    saved threshold) and ``proba_<label>`` per class.
-    """
-    _, labels, ids = held_out
-    _save_predictions(path, ids, labels,
-                      {"predicted": np.asarray(classes)[predicted].astype(str)}, proba, classes)
-
-
-def _save_predictions(path: Path, ids, labels, extra: dict, proba, classes) -> None:
-    frame = pd.DataFrame({"image_id": ids["image_id"], "label": labels.astype(str), **extra})
-    for k, label in enumerate(classes):
-        frame[f"{PROBA_PREFIX}{label}"] = proba[:, k]
-    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
-
-
-def _leaderboard_row(lineage, result: HeadResult, objective, eval_split, is_raw,
-                     seconds, view: str | None = None) -> dict:
-    metrics = result.metrics or {}
-    times = result.search.trial_seconds
-    return {
-        "table_key": lineage.key, "head": result.head, "objective": objective.label,
-        "view": view or "", "table": lineage.name,
-        "train_raw_rows": int(is_raw.sum()), "train_aug_rows": int((~is_raw).sum()),
-        "cv_score": result.search.value, "eval_split": eval_split,
-        "accuracy": metrics.get("accuracy"), "balanced_accuracy": metrics.get("balanced_accuracy"),
-        "roc_auc": metrics.get("roc_auc"), "f1_macro": metrics.get("f1_macro"),
-        "recall": metrics.get("recall"), "specificity": metrics.get("specificity"),
-        "threshold": result.threshold, "trials": result.search.n_complete,
-        "pruned": result.search.n_pruned, "failed": result.search.n_failed,
-        "sec_per_trial": float(np.mean(times)) if times else None,
-        "refit_sec": result.refit_seconds, "total_sec": seconds,
-        "params": str(result.search.params), "updated_at": utc_now(),
-    }
 
 
 def _head_summary(result: HeadResult, objective: Objective) -> str:
@@ -412,6 +406,9 @@ class _CommandFailed(click.ClickException):
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local processes sharing each head's study (use a PostgreSQL --storage "
                    "to add workers on other machines).")
+@click.option("--pruner", type=click.Choice(PRUNERS), default="halving", show_default=True,
+              help="halving: successive halving with folds as the budget; median: the "
+                   "earlier rule.")
 @click.option("--n-jobs", type=click.IntRange(min=1), default=None,
               help="Threads per fit (xgboost, knn) [default: the library's].")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
@@ -420,14 +417,14 @@ class _CommandFailed(click.ClickException):
 @click.option("--view", default=None,
               help="Train on this cleaned view (featurestore audit-labels --list-views).")
 def command(store, table, heads, search, n_trials, timeout, cv, metric, positive_class,
-            min_recall, class_weight, storage, workers, n_jobs, seed, eval_split, view):
+            min_recall, class_weight, storage, workers, pruner, n_jobs, seed, eval_split, view):
     """Tune classifier heads on a feature table and compare them on a leaderboard."""
     config = FitHeadsConfig(
         store=store, table=table, heads=[h.strip() for h in heads.split(",") if h.strip()],
         search=search, n_trials=n_trials, timeout=timeout, cv=cv, metric=metric,
         positive_class=positive_class, min_recall=min_recall, class_weight=class_weight,
-        storage=storage, workers=workers, n_jobs=n_jobs, seed=seed, eval_split=eval_split,
-        view=view)
+        storage=storage, workers=workers, pruner=pruner, n_jobs=n_jobs, seed=seed,
+        eval_split=eval_split, view=view)
     try:
         result = run_fit_heads(config, echo=click.echo)
     except (FeatureStoreError, ClassifierError, ValueError) as err:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from filelock import FileLock
 
 from featurestore import Store
-from featurestore._io import atomic_write
+from featurestore._io import atomic_write, utc_now
 
 #: Columns identifying a row; a new result replaces the row with the same values.
 #: ``view`` is "" for heads trained on the whole table, else the cleaned view's name.
@@ -66,3 +67,24 @@ def format_leaderboard(board: pd.DataFrame) -> str:
     columns = [c for c in SHOWN if c in shown]
     return shown[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}",
                                     na_rep="-")
+
+
+def head_row(lineage, result, objective, eval_split, is_raw,
+                     seconds, view: str | None = None) -> dict:
+    """The leaderboard row of one fit-heads ``HeadResult``."""
+    metrics = result.metrics or {}
+    times = result.search.trial_seconds
+    return {
+        "table_key": lineage.key, "head": result.head, "objective": objective.label,
+        "view": view or "", "table": lineage.name,
+        "train_raw_rows": int(is_raw.sum()), "train_aug_rows": int((~is_raw).sum()),
+        "cv_score": result.search.value, "eval_split": eval_split,
+        "accuracy": metrics.get("accuracy"), "balanced_accuracy": metrics.get("balanced_accuracy"),
+        "roc_auc": metrics.get("roc_auc"), "f1_macro": metrics.get("f1_macro"),
+        "recall": metrics.get("recall"), "specificity": metrics.get("specificity"),
+        "threshold": result.threshold, "trials": result.search.n_complete,
+        "pruned": result.search.n_pruned, "failed": result.search.n_failed,
+        "sec_per_trial": float(np.mean(times)) if times else None,
+        "refit_sec": result.refit_seconds, "total_sec": seconds,
+        "params": str(result.search.params), "updated_at": utc_now(),
+    }

@@ -7,7 +7,10 @@ under one lock, so none is duplicated, and a killed worker's trial is retried
 once its heartbeat is stale. Every worker waits for the study to finish; then
 the first to claim the refit (:func:`classifiers.studies.claim_refit`) fits,
 evaluates and saves the head, and the others stop, so models and leaderboard
-rows never clash.
+rows never clash. Local workers start on different heads (worker ``k`` on the
+``k``-th), so two cores run trials of two heads side by side and meet only
+on each head's last trials; the ``ensemble`` (last for every worker) is
+claimed like any head, through an empty study of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
-from classifiers.studies import claim_refit, get_storage, worker_name
+from classifiers.studies import claim_refit, get_storage, study_lock, worker_name
 from classifiers.tuning import TuningResult
 
 
@@ -31,6 +34,16 @@ def refit_claimant(storage: str, search: TuningResult, since: float) -> str | No
     return claim_refit(storage, search.study_name, key, since=since, worker=worker_name())
 
 
+def claim_study(storage: str, name: str) -> str:
+    """An empty study ``name`` (created if missing) whose refit workers can claim."""
+    import optuna
+
+    storage = get_storage(storage)
+    with study_lock(storage):
+        optuna.create_study(storage=storage, study_name=name, load_if_exists=True)
+    return name
+
+
 def run_workers(config, echo: Callable[[str], None] = print):
     """``run_fit_heads`` in ``config.workers`` local processes sharing one storage.
 
@@ -40,8 +53,10 @@ def run_workers(config, echo: Callable[[str], None] = print):
     """
     if config.storage:
         get_storage(config.storage)  # an unreachable server fails once, not in every worker
-    one = dataclasses.replace(config, workers=1, since=config.since or time.time())
     threads = max(1, (os.cpu_count() or 1) // config.workers)
+    # n_jobs too: XGBoost and the neighbour search take threads from it, not from BLAS.
+    one = dataclasses.replace(config, workers=1, since=config.since or time.time(),
+                              n_jobs=config.n_jobs or threads)
     # spawn: a forked child would inherit TensorFlow's threads, which it does not support.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(config.workers, mp_context=context, initializer=_limit_threads,
@@ -62,11 +77,16 @@ def _limit_threads(threads: int) -> None:
     import threadpoolctl
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    # Read by TensorFlow when it starts, here or in a fold worker spawned from here.
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
     threadpoolctl.threadpool_limits(threads)
 
 
 def _run_one(config, k: int):
     from pipelines.heads.fit import run_fit_heads
 
+    heads = list(config.heads)
+    start = k % len(heads)
+    config = dataclasses.replace(config, heads=heads[start:] + heads[:start])
     return run_fit_heads(config, echo=lambda line: print(
         "\n".join(f"[worker {k}] {part}" for part in line.split("\n")), flush=True))
