@@ -85,11 +85,12 @@ def in_process(case: str, env: dict | None = None, **kwargs) -> dict:
 def section_extract(tmp: Path, images: int, size: int) -> None:
     import ray
 
+    from pipelines.extract.ray_engine import start_local_cluster
+
     folder = make_scans(tmp / "scans", images, size=256, fmt="png")
     local = in_process("extract", folder=str(folder), store=str(tmp / "local"), size=size)
     started = time.perf_counter()
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
-             log_to_driver=False)
+    start_local_cluster(logging_level="ERROR", log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     print(f"Ray cluster start-up: {time.perf_counter() - started:.1f} s (once, not per run)")
     try:
