@@ -35,6 +35,7 @@ from classifiers.errors import ClassifierError
 from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_report,
                                  make_objective, recall_floor_threshold)
 from classifiers.registry import create_head, get_head_spec, list_heads
+from classifiers.studies import storage_time
 from classifiers.tuning import TuningResult, select_ensemble, tune_head, study_name
 from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
 from featurestore._io import atomic_write, utc_now
@@ -88,8 +89,9 @@ class FitHeadsConfig:
     workers: int = 1
     """Local worker processes sharing each head's study (see ``pipelines.heads.shared``)."""
     since: float | None = None
-    """Start (``time.time()``) of the run this worker belongs to; refit claims older than
-    it are an earlier run's. None: now."""
+    """Start of the run this worker belongs to (seconds since the epoch by the database's
+    clock, ``classifiers.studies.storage_time``); refit claims older than it are an
+    earlier run's. None: now."""
 
 
 @dataclass
@@ -176,7 +178,6 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
     _check_config(config)
     if config.workers > 1:
         return run_workers(config, echo)
-    since = config.since or time.time()
     store = Store(config.store, create=False)
     view = ViewStore(store).get(config.view) if config.view else None
     with store.open(config.table) as reader:
@@ -205,6 +206,7 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
     if view is not None:  # a changed view gets a new study, never a stale one's trials
         study_fixed.update(view=view.name, view_digest=view.digest)
     storage = config.storage or store.paths.optuna_url
+    since = config.since or storage_time(storage)  # the database's clock: workers' may differ
     echo(f"Table {lineage.key}: {int(is_raw.sum())} raw + {int((~is_raw).sum())} augmented "
          f"train rows, {X.shape[1]} features, classes {', '.join(map(str, classes))}; "
          f"{config.cv}-fold grouped CV, objective {objective.label}.")

@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
-from classifiers.studies import claim_refit, get_storage, worker_name
+from classifiers.studies import claim_refit, get_storage, storage_time, worker_name
 from classifiers.tuning import TuningResult
 
 
@@ -40,7 +39,8 @@ def run_workers(config, echo: Callable[[str], None] = print):
     """
     if config.storage:
         get_storage(config.storage)  # an unreachable server fails once, not in every worker
-    one = dataclasses.replace(config, workers=1, since=config.since or time.time())
+    one = dataclasses.replace(config, workers=1,
+                              since=config.since or storage_time(config.storage))
     threads = max(1, (os.cpu_count() or 1) // config.workers)
     # spawn: a forked child would inherit TensorFlow's threads, which it does not support.
     context = multiprocessing.get_context("spawn")
