@@ -54,18 +54,24 @@ def case_extract(folder: str, store: str, size: int, address: str | None = None,
                                        ray_address=address, **overrides))
     # End to end, model builds included: the local engine's own ``seconds`` starts once its
     # workers are ready, the Ray engine's when the dataset starts (before the actors build).
-    return {"views": result.views_written, "seconds": time.perf_counter() - started}
+    return {"views": result.views_written, "seconds": time.perf_counter() - started,
+            "engine_seconds": result.seconds}
 
 
 def case_fit_heads(store: str, table: str, url: str, workers: int, seed: int,
                    trials: int) -> dict:
     from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
 
+    import resource
+
     started = time.perf_counter()
     run_fit_heads(FitHeadsConfig(store=store, table=table, heads=["logreg"], n_trials=trials,
                                  cv=3, storage=url, workers=workers, seed=seed),
                   echo=lambda line: None)
-    return {"seconds": time.perf_counter() - started}
+    # This process and its (finished) workers: CPU spent, to tell slower trials from busier ones.
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return {"seconds": time.perf_counter() - started,
+            "cpu_seconds": sum(u.ru_utime + u.ru_stime for u in usage)}
 
 
 def in_process(case: str, env: dict | None = None, **kwargs) -> dict:
@@ -82,14 +88,19 @@ def in_process(case: str, env: dict | None = None, **kwargs) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+ENGINE_CLOCK = {"local": "after the workers' models were built",
+                "ray": "from the dataset's start, actors' model builds included"}
+
+
 def section_extract(tmp: Path, images: int, size: int) -> None:
     import ray
+
+    from pipelines.extract.ray_engine import start_local_cluster
 
     folder = make_scans(tmp / "scans", images, size=256, fmt="png")
     local = in_process("extract", folder=str(folder), store=str(tmp / "local"), size=size)
     started = time.perf_counter()
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
-             log_to_driver=False)
+    start_local_cluster(logging_level="ERROR", log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     print(f"Ray cluster start-up: {time.perf_counter() - started:.1f} s (once, not per run)")
     try:
@@ -100,8 +111,9 @@ def section_extract(tmp: Path, images: int, size: int) -> None:
         ray.shutdown()
     rate = {k: v["views"] / v["seconds"] for k, v in
             {"local": local, "ray 1 actor": runs[1], "ray 2 actors": runs[2]}.items()}
-    for name, value in rate.items():
-        print(f"  {name:>13}: {value:7.1f} img/s")
+    for name, run in {"local": local, "ray 1 actor": runs[1], "ray 2 actors": runs[2]}.items():
+        print(f"  {name:>13}: {rate[name]:7.1f} img/s ({run['seconds']:.1f} s end to end, "
+              f"{run['engine_seconds']:.1f} s {ENGINE_CLOCK[name.split()[0]]})")
     print(f"Ray (2 actors) / local wall time: {runs[2]['seconds'] / local['seconds']:.2f}x "
           f"(target <= 1.3x); Ray 2 vs 1 actors: "
           f"{rate['ray 2 actors'] / rate['ray 1 actor']:.2f}x")
@@ -129,24 +141,29 @@ def section_heads(tmp: Path, trials: int = 24) -> None:
         with postgres_server() as url:
             run = in_process("fit_heads", env=env, store=str(tmp / "store"), url=url,
                              table=lineage.key, workers=workers, seed=0, trials=trials)
-            span = search_seconds(url)
+            span, at_once = search_seconds(url)
         per_min[name] = trials * 60 / span
+        # Near 2 trials at once with no gain: the trials slowed (cores not free), not serialised.
         print(f"  {name:>18}: {per_min[name]:6.1f} trials/min ({span:.1f} s from the first "
-              f"trial's start to the last's end; {run['seconds']:.1f} s with process "
-              f"start-up and the refit)")
+              f"trial's start to the last's end, {at_once:.2f} trials running at once; "
+              f"{run['seconds']:.1f} s with process start-up and the refit, "
+              f"{run['cpu_seconds']:.1f} CPU s)")
     print(f"2 workers vs 1: {per_min['2 workers'] / per_min['1 worker']:.2f}x, vs 1 with one "
           f"thread: {per_min['2 workers'] / per_min['1 worker, 1 thread']:.2f}x "
           f"(target >= 1.6x)")
 
 
-def search_seconds(url: str) -> float:
-    """Seconds from the first trial's start to the last trial's end of the one study at ``url``."""
+def search_seconds(url: str) -> tuple[float, float]:
+    """``(seconds from the first trial's start to the last trial's end, mean trials running
+    at once)`` of the one study at ``url``."""
     import optuna
 
     (name,) = [s.study_name for s in optuna.get_all_study_summaries(url)]
     trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
     start = min(t.datetime_start for t in trials)
-    return (max(t.datetime_complete for t in trials) - start).total_seconds()
+    span = (max(t.datetime_complete for t in trials) - start).total_seconds()
+    busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+    return span, busy / span
 
 
 def section_gpu(tmp: Path, images: int, size: int) -> None:

@@ -261,15 +261,17 @@ def counted_failures(trials: list[FrozenTrial]) -> list[str]:
     return reasons
 
 
-def requeue_killed(study: optuna.Study) -> int:
-    """Fail trials whose heartbeat stopped and queue killed trials' parameters again.
+def requeue_killed(study: optuna.Study, *, fail_stale: bool = True) -> int:
+    """Fail trials whose heartbeat stopped (``fail_stale``) and queue killed trials'
+    parameters again.
 
     Call it holding :func:`study_lock`, so that two processes never queue the
     same trial twice. Returns how many trials were queued.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    if fail_stale:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
     queued = 0
@@ -284,14 +286,31 @@ def requeue_killed(study: optuna.Study) -> int:
 REFIT = "refit"
 
 
+def storage_time(storage: None | str | optuna.storages.BaseStorage) -> float:
+    """Seconds since the epoch by the PostgreSQL server's clock, else by this machine's.
+
+    Refit claims compare one worker's claim with another's start; workers on
+    several machines share no clock but the database's.
+    """
+    url = getattr(storage, "url", storage)
+    if not (isinstance(url, str) and url.startswith("postgresql")):
+        return time.time()  # SQLite, memory: one machine
+    import sqlalchemy
+
+    with get_storage(storage).engine.connect() as connection:
+        return float(connection.execute(sqlalchemy.text(
+            "SELECT extract(epoch FROM clock_timestamp())")).scalar())
+
+
 def claim_refit(storage: None | str | optuna.storages.BaseStorage, study_name: str, key: str,
                 *, since: float, worker: str) -> str | None:
     """Claim the refit of a finished search; None if ``worker`` got it, else who has it.
 
     Workers sharing a study each finish the search; the first to claim ``key``
     (the best trial and the count of finished trials) refits, the others stop.
-    A claim made before ``since`` (the start of this run) belongs to an earlier
-    run, which may have been killed while refitting: it is taken over.
+    A claim made before ``since`` (the start of this run, by :func:`storage_time`)
+    belongs to an earlier run, which may have been killed while refitting: it is
+    taken over.
     """
     storage = get_storage(storage)
     with study_lock(storage):
@@ -299,5 +318,5 @@ def claim_refit(storage: None | str | optuna.storages.BaseStorage, study_name: s
         claim = study.user_attrs.get(REFIT) or {}
         if claim.get("key") == key and claim.get("at", 0) >= since and claim["by"] != worker:
             return claim["by"]
-        study.set_user_attr(REFIT, {"key": key, "by": worker, "at": time.time()})
+        study.set_user_attr(REFIT, {"key": key, "by": worker, "at": storage_time(storage)})
     return None

@@ -259,17 +259,16 @@ class _Tuning:
         self.best: tuple[int, float, np.ndarray] | None = None
         self.worker: FoldWorker | None = None
         self.durations: list[float] = []
-        self.retried, self.current = 0, -1
+        self.retried, self.current, self.stale_check_at = 0, -1, 0.0
 
     def objective(self, trial: optuna.Trial) -> float:
         started, self.current = time.perf_counter(), trial.number
+        # The trial is stored as running: other processes may count it and start theirs
+        # while it draws its parameters (seeded by its number, so never the same draw).
+        self._release()
         trial.set_user_attr(WORKER, worker_name())  # which of the workers sharing the study ran it
         try:
-            try:
-                params = {**self.spec.search_space(trial), **self.fixed}
-            finally:
-                # The parameters are stored: other processes may count this trial and start theirs.
-                self._release()
+            params = {**self.spec.search_space(trial), **self.fixed}
             value, oof = self.problem.cross_validate(params, trial, self.worker)
         except optuna.TrialPruned:
             raise
@@ -309,7 +308,12 @@ class _Tuning:
         """
         self._acquire()
         try:
-            self.retried += requeue_killed(self.study)
+            # A heartbeat goes stale only after a grace period: no need to look every trial.
+            stale_check = time.monotonic() >= self.stale_check_at
+            self.retried += requeue_killed(self.study, fail_stale=stale_check)
+            if stale_check:
+                self.stale_check_at = time.monotonic() + (
+                    getattr(self.storage, "heartbeat_interval", None) or 0)
             done, running, failed = self._counts()
             if done + running >= n_trials or failed >= n_trials or _past(deadline):
                 return running

@@ -6,8 +6,11 @@ first part (features must still equal the local engine's, one row per key),
 and a driver killed mid-run whose rerun completes the table.
 """
 
+import contextlib
+import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,10 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from click.testing import CliRunner
 
 from featurestore import Store
+from pipelines.extract.ray_engine import start_local_cluster
 from pipelines.extract.run import ExtractConfig, command, run_extract
 from tests.image_zoo import image_folder
 from tests.pg_server import free_port
@@ -38,8 +43,8 @@ def config(dataset, store, **overrides):
 @pytest.fixture(scope="module")
 def cluster():
     """A Ray cluster of two CPUs on 127.0.0.1; its GCS address."""
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=200 * 2**20, logging_level="ERROR", log_to_driver=False)
+    start_local_cluster(num_cpus=2, object_store_memory=200 * 2**20, logging_level="ERROR",
+                        log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -82,11 +87,32 @@ def part_writers(store) -> list[Path]:
     return [p for p in Path(store).glob("tables/*/pending/ray-*") if any(p.glob("hdf5/part-*"))]
 
 
-def kill_first_writer(store, killed: list, stop: threading.Event) -> None:
-    """Kill -9 the actor owning the first part writer with a part (its name holds the pid)."""
+def listening_sockets() -> list[tuple[str, str, int]]:
+    """``(process, address, port)`` of every listening socket of this process and its
+    descendants: the cluster's GCS, raylet, agents and workers."""
+    me = psutil.Process()
+    found = []
+    for process in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # a worker that just exited
+            found += [(process.name(), c.laddr.ip, c.laddr.port)
+                      for c in process.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM
+                                                            and not c.raddr)]
+    return found
+
+
+def loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # ::ffff:127.0.0.1 too
+
+
+def kill_first_writer(store, killed: list, stop: threading.Event, sockets: list) -> None:
+    """Kill -9 the actor owning the first part writer with a part (its name holds the pid),
+    noting first the cluster's listening sockets (with its actors up)."""
     while not stop.is_set():
         for folder in part_writers(store):
             pid = int(folder.name.split("-")[-2])
+            sockets += listening_sockets()
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             return
@@ -95,8 +121,8 @@ def kill_first_writer(store, killed: list, stop: threading.Event) -> None:
 
 def test_features_equal_local_after_an_actor_is_killed_mid_run(cluster, dataset, reference,
                                                                 tmp_path):
-    store, killed, stop = tmp_path / "store", [], threading.Event()
-    watcher = threading.Thread(target=kill_first_writer, args=(store, killed, stop))
+    store, killed, stop, sockets = tmp_path / "store", [], threading.Event(), []
+    watcher = threading.Thread(target=kill_first_writer, args=(store, killed, stop, sockets))
     watcher.start()
     try:
         result = run_extract(config(dataset, store, engine="ray", actors=2))
@@ -107,6 +133,11 @@ def test_features_equal_local_after_an_actor_is_killed_mid_run(cluster, dataset,
     assert result.exit_code == 0 and result.workers == 2
     assert result.views_written >= result.views_total  # the killed batch was redone
     assert_equal_to_local(store, reference)
+    # The local cluster serves this machine only: GCS, raylet, agents, actors on loopback.
+    names = {name for name, _, _ in sockets}
+    assert {"gcs_server", "raylet"} <= names and any("MapWorker" in n for n in names), names
+    exposed = [s for s in sockets if not loopback(s[1])]
+    assert not exposed, exposed
 
 
 _DRIVER = textwrap.dedent("""

@@ -5,6 +5,7 @@ refit; a worker killed in a trial leaves it to Optuna's heartbeat and it is
 retried; an unreachable server is one ``Error:`` line.
 """
 
+import time
 from collections import Counter
 
 import optuna
@@ -12,7 +13,9 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
 
-from classifiers.studies import RETRY_OF, WORKER, AdvisoryLock, get_storage
+from classifiers import studies
+from classifiers.studies import (RETRY_OF, WORKER, AdvisoryLock, claim_refit, get_storage,
+                                 storage_time)
 from classifiers.tuning import tune_head
 from featurestore import Store
 from pipelines.cli import main as cli
@@ -67,6 +70,18 @@ def test_a_killed_workers_trial_goes_stale_and_is_retried(tmp_path, pg_url):
     assert trials[2].state == TrialState.FAIL and len(trials) == 5
     (retry,) = [t for t in trials if t.user_attrs.get(RETRY_OF) == 2]
     assert retry.params == trials[2].params
+
+
+@needs_postgres
+def test_refit_claims_keep_the_database_clock_whatever_the_workers_clocks(pg_url, monkeypatch):
+    optuna.create_study(storage=pg_url, study_name="skew")
+    since = storage_time(pg_url)  # worker b's run starts
+    # Worker a's clock is an hour behind: a claim stamped by it would look older than
+    # b's start, and b would refit the head a second time.
+    real = time.time
+    monkeypatch.setattr(studies.time, "time", lambda: real() - 3600)
+    assert claim_refit(pg_url, "skew", "trial 3 of 12", since=since, worker="a") is None
+    assert claim_refit(pg_url, "skew", "trial 3 of 12", since=since, worker="b") == "a"
 
 
 def test_an_unreachable_database_is_one_error_line(tmp_path):

@@ -66,6 +66,9 @@ class EngineSettings:
     """Keys the runtime's converted-model cache (None for random weights)."""
     cache_dir: str | None = None
     """Where the runtime may cache converted models (None: convert in memory)."""
+    compute_threads: int | None = None
+    """Threads of the runtime's inference (None: one per core this process may run on);
+    set where processes share cores without being pinned (Ray actors)."""
 
 
 @dataclasses.dataclass

@@ -22,12 +22,15 @@ already committed are dropped as duplicates at commit.
 
 Actors reserve a fraction of a CPU (``cpus_per_actor``, 0.5 by default):
 whole-CPU actors on a small cluster left no CPU for the read tasks, and the
-pipeline hung. A local cluster (no ``ray_address``) binds 127.0.0.1 only.
+pipeline hung. A local cluster (no ``ray_address``) listens on 127.0.0.1 only
+(:func:`start_local_cluster`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
@@ -77,14 +80,57 @@ def connect(address: str | None) -> bool:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     quiet = dict(logging_level="ERROR", log_to_driver=False)
     if address is None:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+        start_local_cluster(**quiet)
         return True
     try:
-        ray.init(address=address, **quiet)
+        with loopback_node(address):
+            ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError) as err:
         raise ValueError(f"Cannot join the Ray cluster at ray_address {address!r}: "
                          f"{str(err).splitlines()[0]}") from err
     return True
+
+
+def start_local_cluster(**init_kwargs) -> None:
+    """``ray.init`` of a single-node cluster whose servers all listen on 127.0.0.1 only."""
+    import ray
+
+    with loopback_node():
+        ray.init(include_dashboard=False, **init_kwargs)
+
+
+@contextlib.contextmanager
+def loopback_node(address: str | None = None):
+    """Within: a node started here is on 127.0.0.1; a loopback ``address`` is joined as given.
+
+    Ray turns a loopback ``_node_ip_address`` or join address into the
+    machine's address, and a node on that address binds every interface (GCS,
+    raylet, workers) or that address (runtime-env agent); a second process then
+    cannot join a loopback node at all. Ray keeps loopback only where it takes
+    clusters to be unsupported (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), so
+    that switch is off while a node starts or is joined, and back on afterwards:
+    a later join of a real cluster still advertises the machine's address. The
+    Ray tests check every listening socket. Other addresses are left to Ray.
+    """
+    from ray._private import ray_constants
+
+    host = (address or "").removeprefix("ray://").rpartition(":")[0].strip("[]")
+    if address not in (None, "auto") and not _is_loopback(host):
+        yield
+        return
+    clusters = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def check_reachable(address: str) -> None:
@@ -143,6 +189,10 @@ class Embedder:
     """Ray actor: the recipe's model, loaded once, and one part writer per table."""
 
     def __init__(self, settings: EngineSettings, store: str, lineages: dict, formats):
+        # Thread pools sized to the actor's CPUs, before the runtime imports its backend.
+        # Not through a runtime_env: Ray would start fresh processes for it (the actors
+        # began building 15-20 s after the dataset started instead of 4 s, measured here).
+        os.environ.update(_thread_env(settings.compute_threads or 1))
         self.engine = FeatureEngine(settings)
         writer_id = f"ray-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         store_ = Store(store, create=False)
@@ -181,6 +231,8 @@ def run_on_ray(settings: EngineSettings, tasks: list[ImageTask], *, store: Store
     import ray
 
     cpus = options.cpus_per_actor
+    # Actors are not pinned: without a share each would run on every core of its node.
+    settings = dataclasses.replace(settings, compute_threads=max(1, math.ceil(cpus)))
     items = [{**dataclasses.asdict(t), "aug_ids": list(t.aug_ids),
               "size_bytes": -1 if t.size_bytes is None else t.size_bytes} for t in tasks]
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -193,9 +245,7 @@ def run_on_ray(settings: EngineSettings, tasks: list[ImageTask], *, store: Store
                                "lineages": lineages, "formats": tuple(formats)},
         # Ray Data restarts a dead actor and retries its batch by default.
         compute=ray.data.ActorPoolStrategy(size=options.actors), num_cpus=cpus,
-        num_gpus=options.gpus_per_actor or None,
-        # Own processes with thread pools sized to the actor's CPUs, set before import.
-        runtime_env={"env_vars": _thread_env(max(1, math.ceil(cpus)))})
+        num_gpus=options.gpus_per_actor or None)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 

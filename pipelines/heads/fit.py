@@ -36,6 +36,7 @@ from classifiers.metrics import (OBJECTIVES, Objective, decide, evaluation_repor
                                  make_objective, recall_floor_threshold)
 from classifiers.registry import create_head, get_head_spec, list_heads
 from classifiers.selection import select_ensemble
+from classifiers.studies import storage_time
 from classifiers.tuning import PRUNERS, TuningResult, study_name, tune_head
 from featurestore import FeatureArrays, FeatureStoreError, Store, TableReader
 from featurestore._io import utc_now
@@ -94,8 +95,9 @@ class FitHeadsConfig:
     """Trial pruning (``classifiers.tuning.PRUNERS``): ``halving``, folds as the budget of
     successive halving; ``median``, the earlier median rule."""
     since: float | None = None
-    """Start (``time.time()``) of the run this worker belongs to; refit claims older than
-    it are an earlier run's. None: now."""
+    """Start of the run this worker belongs to (seconds since the epoch by the database's
+    clock, ``classifiers.studies.storage_time``); refit claims older than it are an
+    earlier run's. None: now."""
 
 
 @dataclass
@@ -185,7 +187,6 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
     _check_config(config)
     if config.workers > 1:
         return run_workers(config, echo)
-    since = config.since or time.time()
     store = Store(config.store, create=False)
     view = ViewStore(store).get(config.view) if config.view else None
     with store.open(config.table) as reader:
@@ -214,6 +215,7 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
     if view is not None:  # a changed view gets a new study, never a stale one's trials
         study_fixed.update(view=view.name, view_digest=view.digest)
     storage = config.storage or store.paths.optuna_url
+    since = config.since or storage_time(storage)  # the database's clock: workers' may differ
     echo(f"Table {lineage.key}: {int(is_raw.sum())} raw + {int((~is_raw).sum())} augmented "
          f"train rows, {X.shape[1]} features, classes {', '.join(map(str, classes))}; "
          f"{config.cv}-fold grouped CV, objective {objective.label}.")

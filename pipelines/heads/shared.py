@@ -18,11 +18,10 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
-from classifiers.studies import claim_refit, get_storage, study_lock, worker_name
+from classifiers.studies import claim_refit, get_storage, storage_time, study_lock, worker_name
 from classifiers.tuning import TuningResult
 
 
@@ -55,7 +54,8 @@ def run_workers(config, echo: Callable[[str], None] = print):
         get_storage(config.storage)  # an unreachable server fails once, not in every worker
     threads = max(1, (os.cpu_count() or 1) // config.workers)
     # n_jobs too: XGBoost and the neighbour search take threads from it, not from BLAS.
-    one = dataclasses.replace(config, workers=1, since=config.since or time.time(),
+    one = dataclasses.replace(config, workers=1,
+                              since=config.since or storage_time(config.storage),
                               n_jobs=config.n_jobs or threads)
     # spawn: a forked child would inherit TensorFlow's threads, which it does not support.
     context = multiprocessing.get_context("spawn")

@@ -109,7 +109,7 @@ def compiled_model(settings, threads: int):
 def build(settings):
     from pipelines.extract.engine import available_cores
 
-    compiled = compiled_model(settings, len(available_cores()))
+    compiled = compiled_model(settings, settings.compute_threads or len(available_cores()))
     request = compiled.create_infer_request()
     outputs = [POOLS.index(pool) for pool in settings.pools]
 
