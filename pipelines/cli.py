@@ -29,6 +29,7 @@ def _register():
     from pipelines.heads import fit as fit_heads
     from pipelines.heads import predict
     from pipelines.ingest import run as ingest
+    from pipelines.ingest import labels as label
     from pipelines.ingest import scores
     from pipelines.report import run as report
     from pipelines.similar import evaluate as eval_search
@@ -37,7 +38,7 @@ def _register():
 
     for module in (demo, scan, extract, fit_heads, audit_labels, tables, index, search,
                    eval_search, near_duplicates, predict, report, fit_embedding, verify,
-                   train_cnn, fine_tune, explain, ingest, scores, serve):
+                   train_cnn, fine_tune, explain, ingest, label, scores, serve):
         # Every command: a full disk or a dead worker is one line, not a traceback.
         module.command.callback = one_line_failures(module.command.callback)
         main.add_command(module.command)
