@@ -1,6 +1,7 @@
 """featurestore serve over real HTTP: uvicorn started on 127.0.0.1 by the test, an httpx client."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,6 +172,52 @@ def test_writes_need_the_token_and_off_loopback_needs_one_to_start(living):
     refused = CliRunner().invoke(main, ["serve", "--store", str(living.store), "--host",
                                         "0.0.0.0"])
     assert refused.exit_code == 2 and "without --token" in refused.output
+
+
+def test_a_table_added_while_serving_is_seen_and_one_that_cannot_load_stops_uploads_only(
+        living):
+    """A table whose weights file is gone appears without a restart, is reported unavailable
+    and refuses uploads (503, nothing stored) while reads go on; removed, uploads resume."""
+    from featurestore import Lineage
+
+    store = Store(living.store)
+    lineage = Lineage(backbone="densenet121", weights="file:gone.h5",
+                      weights_sha256="0" * 64, pool="avg", input_size=32,
+                      preprocessing="torch")
+    with store.writer(lineage) as writer:
+        writer.append(np.zeros((2, 4), np.float32), image_id=["a" * 64, "b" * 64],
+                      label=["3", "8"], split=["train"] * 2)
+    before = _state(living)
+    try:
+        health = httpx.get(f"{living.base}/healthz").json()
+        assert health["uploads"] is False and "gone.h5" in \
+            health["unavailable"][f"table {lineage.key}"]
+        tables = {t["key"]: t for t in httpx.get(f"{living.base}/v1/tables").json()}
+        assert tables[lineage.key]["available"] is False and tables[living.key]["available"]
+        refused = _upload(living, living.scans[6])
+        assert refused.status_code == 503 and lineage.key in refused.json()["detail"]
+        assert _state(living) == before
+        known = store.manifest().images()["image_id"].iloc[0]
+        assert httpx.get(f"{living.base}/v1/images/{known}/similar",
+                         params={"table": TABLE, "k": 2}).status_code == 200
+    finally:
+        shutil.rmtree(store.table_dir(lineage))
+    assert httpx.get(f"{living.base}/healthz").json() == {"ok": True, "uploads": True,
+                                                         "unavailable": {}}
+
+
+def test_start_up_cleanup_removes_only_abandoned_temporaries_of_ours(tmp_path):
+    from pipelines.serve.service import ABANDONED_AFTER_S, remove_abandoned_uploads
+
+    names = (f"{PARTIAL_PREFIX}old", ".tmp-0123abcd-old.png", f"{PARTIAL_PREFIX}live",
+             ".tmp-4567cdef-live.png", "users-own.png")
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    past = time.time() - ABANDONED_AFTER_S - 60
+    for name in names[:2] + names[4:]:
+        os.utime(tmp_path / name, (past, past))
+    assert remove_abandoned_uploads(tmp_path) == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
 
 
 def test_concurrent_uploads_and_a_cli_ingest_of_overlapping_files_land_once(living):

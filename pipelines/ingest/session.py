@@ -86,6 +86,19 @@ class IngestSession:
         for ref in self.refs:
             self.model(ref)
 
+    def warm_each(self) -> dict[str, str]:
+        """:meth:`warm`, each table and model on its own: ``{"table KEY" or "model NAME":
+        reason}`` of those that failed (a missing weights file, an unloadable head)."""
+        failed = {}
+        for what, load in [(f"table {lin.key}", lambda lin=lin: self.engines.get(lin))
+                           for lin in self.lineages if not lin.derived] + \
+                [(f"model {ref.name}", lambda ref=ref: self.model(ref)) for ref in self.refs]:
+            try:
+                load()
+            except Exception as err:  # each part fails alone; its reason is reported
+                failed[what] = str(err) or type(err).__name__
+        return failed
+
     def model(self, ref: ModelRef) -> tuple[SavedModel, str]:
         """The loaded model (a head, or a train-cnn/fine-tune model) and its version
         (SHA-256 of its model.json), loaded once."""

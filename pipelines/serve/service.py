@@ -1,9 +1,16 @@
 """What the HTTP endpoints do, without HTTP: one per server process.
 
-Uploads go through a :class:`Batcher`: one thread owns the
-:class:`~pipelines.ingest.session.IngestSession` (backbones and heads loaded
-once), takes every upload waiting when it is free and ingests them together,
-so concurrent uploads share one backbone call per table.
+Uploads go through a :class:`Batcher`: one thread takes every upload waiting
+when it is free and ingests them together, so concurrent uploads share one
+backbone call per table. The ingest session (backbones and heads loaded once)
+is reopened when the store gains or loses a table or a model (a cheap
+signature, checked per upload and per listing), so a server sees a new
+``extract`` or ``fit-heads`` without a restart. A table whose backbone cannot
+be built (its weights file is missing, say) or a model that cannot be loaded
+does not stop the server: reads and searches go on, ``/healthz`` and
+``/v1/tables`` name what is unavailable and why, and uploads are refused (503)
+until it is fixed, since an upload must reach every table and model (an image
+left without a row in one table would never get it: it is known from then on).
 """
 
 from __future__ import annotations
@@ -11,8 +18,10 @@ from __future__ import annotations
 import io
 import queue
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -25,17 +34,24 @@ from pipelines.serve.searchers import Searchers
 THUMBNAIL_PX = 128
 #: Most uploads ingested together (bounds one batch's latency).
 MAX_BATCH = 32
+#: Age after which a temporary in ``ingested/`` counts as abandoned: a writer alive
+#: (an upload being received, a CLI ingest's copy) touches its file far more often.
+ABANDONED_AFTER_S = 15 * 60
 
 
 class NotFound(FeatureStoreError):
     """An image id or table the store does not have (HTTP 404)."""
 
 
+class Unavailable(FeatureStoreError):
+    """Uploads cannot be ingested now: a table or model cannot be loaded (HTTP 503)."""
+
+
 class Batcher:
     """Ingest uploads on one thread, in batches of whatever is waiting."""
 
-    def __init__(self, session: IngestSession):
-        self.session = session
+    def __init__(self, session_of: Callable[[], IngestSession]):
+        self.session_of = session_of
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
         self._thread.start()
@@ -56,8 +72,8 @@ class Batcher:
             for label in dict.fromkeys(item[2] for item in items):
                 group = [item for item in items if item[2] == label]
                 try:
-                    outcomes = self.session.ingest([(f, n) for f, n, _, _ in group],
-                                                   label=label)
+                    outcomes = self.session_of().ingest([(f, n) for f, n, _, _ in group],
+                                                        label=label)
                 except BaseException as err:  # each waiting request gets the error
                     for *_, future in group:
                         future.set_exception(err)
@@ -66,22 +82,78 @@ class Batcher:
                     future.set_result(outcome)
 
 
+def store_signature(store: Store) -> tuple:
+    """Names of the store's tables and saved models: two folder listings, no file read."""
+    from pipelines.heads.models import MODEL_JSON
+    from featurestore.paths import LINEAGE_FILE
+
+    return (tuple(sorted(str(p) for p in store.paths.tables.glob(f"*/{LINEAGE_FILE}"))),
+            tuple(sorted(str(p) for p in store.paths.models.glob(f"*/*/{MODEL_JSON}"))))
+
+
+@dataclass
+class Sessions:
+    """The current ingest session of a store, reopened when its tables or models change."""
+
+    store: Store
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """``{"table KEY" or "model NAME": reason}`` of what the session could not load."""
+    _session: IngestSession | None = None
+    _signature: tuple | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def current(self) -> IngestSession:
+        signature = store_signature(self.store)
+        with self._lock:
+            if signature != self._signature or self._session is None:
+                self._signature = signature
+                try:
+                    session = IngestSession.open(self.store)
+                except FeatureStoreError as err:  # at start, a store without tables
+                    if self._session is None:
+                        raise
+                    self.unavailable = {"store": str(err)}
+                    return self._session
+                if self._session is not None:  # heads loaded already stay loaded
+                    session._models.update(self._session._models)
+                self._session, self.unavailable = session, session.warm_each()
+            return self._session
+
+    def ready(self) -> IngestSession:
+        """The current session, its backbones and heads retried if some failed to load;
+        :class:`Unavailable` naming them if they still fail."""
+        session = self.current()
+        with self._lock:
+            if self.unavailable and "store" not in self.unavailable:
+                self.unavailable = session.warm_each()
+            if self.unavailable:
+                raise Unavailable("uploads are refused until these load: " + "; ".join(
+                    f"{what}: {why}" for what, why in self.unavailable.items()))
+        return session
+
+
 @dataclass
 class Service:
     store: Store
+    sessions: Sessions
     batcher: Batcher
     searchers: Searchers
 
     @classmethod
     def open(cls, store: str | Path) -> Service:
-        session = IngestSession.open(store)
-        session.warm()  # the first upload must not pay for the backbone
-        _remove_partial_uploads(session.store.paths.ingested)
-        return cls(session.store, Batcher(session), Searchers(session.store))
+        sessions = Sessions(Store.of(store, create=False))
+        sessions.current()  # backbones built now: the first upload must not pay for them
+        remove_abandoned_uploads(sessions.store.paths.ingested)
+        return cls(sessions.store, sessions, Batcher(sessions.ready), Searchers(sessions.store))
 
     @property
     def session(self) -> IngestSession:
-        return self.batcher.session
+        return self.sessions.current()
+
+    def health(self) -> dict:
+        self.sessions.current()
+        unavailable = dict(self.sessions.unavailable)
+        return {"ok": True, "uploads": not unavailable, "unavailable": unavailable}
 
     def image(self, image_id: str) -> dict:
         """The manifest row (ingested or scanned) and the scores of ``image_id``."""
@@ -154,12 +226,22 @@ def _records(frame: pd.DataFrame) -> list[dict]:
     return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
-def _remove_partial_uploads(folder: Path) -> None:
-    """Uploads (and copies) that a killed server was receiving: only ever our own names."""
-    from featurestore._io import remove_tmp_files
+def remove_abandoned_uploads(folder: Path, older_than: float = ABANDONED_AFTER_S) -> int:
+    """Remove the uploads and copies that a killed server or ingest left in ``folder``:
+    only our own temporary names, and only those untouched for ``older_than`` seconds,
+    since another process (a CLI ingest, a second server) may be writing the others."""
+    from featurestore._io import TMP_PREFIX
     from pipelines.serve.uploads import PARTIAL_PREFIX
 
-    if folder.is_dir():
-        remove_tmp_files(folder)
-        for partial in folder.glob(f"{PARTIAL_PREFIX}*"):
-            partial.unlink(missing_ok=True)
+    if not folder.is_dir():
+        return 0
+    removed, cutoff = 0, time.time() - older_than
+    for entry in folder.iterdir():
+        try:
+            if entry.name.startswith((TMP_PREFIX, PARTIAL_PREFIX)) and \
+                    entry.stat().st_mtime < cutoff:
+                entry.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass  # its writer renamed or removed it meanwhile
+    return removed
