@@ -206,6 +206,36 @@ def test_a_table_added_while_serving_is_seen_and_one_that_cannot_load_stops_uplo
                                                          "unavailable": {}}
 
 
+def test_concurrent_similar_queries_share_one_product_and_answer_as_one_by_one(living):
+    from pipelines.serve.searchers import Searchers
+
+    store = Store(living.store)
+    ids = list(store.manifest().images()["image_id"][:12])
+    ks = {i: 2 + n % 4 for n, i in enumerate(ids)}  # a product for several k: each its own
+    alone = Searchers(store, gather=False)
+    expected = {i: alone.search(TABLE, i, ks[i]) for i in ids}
+    gathered = Searchers(store)
+    gathered.search(TABLE, ids[0], 1)
+    gather, answers = gathered._open[living.key].gather, {}
+    with gather._ready:  # a product "running": every query must wait, then share the next
+        gather._busy, products = True, gather.products
+    threads = [threading.Thread(target=lambda i=i: answers.setdefault(
+        i, gathered.search(TABLE, i, ks[i]))) for i in ids]
+    for thread in threads:
+        thread.start()
+    while len(gather._waiting) < len(ids):
+        time.sleep(0.001)
+    with gather._ready:
+        gather._busy = False
+        gather._ready.notify_all()
+    for thread in threads:
+        thread.join()
+    assert gather.products == products + 1
+    for i in ids:
+        assert list(answers[i]["image_id"]) == list(expected[i]["image_id"]), i
+        np.testing.assert_allclose(answers[i]["distance"], expected[i]["distance"], atol=1e-6)
+
+
 def test_start_up_cleanup_removes_only_abandoned_temporaries_of_ours(tmp_path):
     from pipelines.serve.service import ABANDONED_AFTER_S, remove_abandoned_uploads
 
