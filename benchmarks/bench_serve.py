@@ -243,7 +243,7 @@ def similar_batching_gain(store: Store, key: str, queries: list[str], n_threads:
     with threadpool_limits(1, user_api="blas"):
         for gather in (False, True):
             searchers = Searchers(store, gather=gather)
-            searchers.search(key, queries[0], 10)  # opened before the clock starts
+            searchers.records(key, queries[0], 10)  # opened before the clock starts
             todo, lock = iter(queries), threading.Lock()
 
             def loop():
@@ -252,7 +252,7 @@ def similar_batching_gain(store: Store, key: str, queries: list[str], n_threads:
                         query = next(todo, None)
                     if query is None:
                         return
-                    searchers.search(key, query, 10)
+                    searchers.records(key, query, 10)
 
             threads = [threading.Thread(target=loop) for _ in range(n_threads)]
             t0 = time.perf_counter()

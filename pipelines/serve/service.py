@@ -24,12 +24,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-
 from featurestore import FeatureStoreError, Store
 from featurestore.manifest import Manifest
 from pipelines.ingest.session import IngestSession, Outcome
-from pipelines.serve.searchers import Searchers
+from pipelines.serve.searchers import Searchers, frame_records
 
 THUMBNAIL_PX = 128
 #: Most uploads ingested together (bounds one batch's latency).
@@ -166,14 +164,14 @@ class Service:
                 source = "scan"
         if rows.empty:
             raise NotFound(f"No image {image_id!r} in store {self.store.root}.")
-        record = _records(rows.head(1))[0]
+        record = frame_records(rows.head(1))[0]
         return {"image_id": image_id, "source": source, "manifest": record,
                 "scores": self.scores(image_id)}
 
     def scores(self, image_id: str) -> dict:
         frame = self.store.scores(image_ids=[image_id])
         out = {}
-        for row in _records(frame):
+        for row in frame_records(frame):
             proba = {k[len("proba_"):]: v for k, v in row.items()
                      if k.startswith("proba_") and v is not None}
             out[row["model"]] = {"proba": proba, "predicted": row["predicted"],
@@ -185,12 +183,13 @@ class Service:
     def similar(self, image_id: str, table: str, k: int) -> list[dict]:
         """``featurestore search`` of the stored image, with similarity and thumbnail URL."""
         try:
-            frame = self.searchers.search(table, image_id, k)
+            found = self.searchers.records(table, image_id, k)
         except FeatureStoreError as err:
             raise NotFound(str(err)) from err
-        frame["similarity"] = 1.0 - frame["distance"]
-        frame["thumbnail"] = [f"/v1/images/{i}/thumbnail" for i in frame["image_id"]]
-        return _records(frame)
+        for neighbour in found:
+            neighbour["similarity"] = 1.0 - neighbour["distance"]
+            neighbour["thumbnail"] = f"/v1/images/{neighbour['image_id']}/thumbnail"
+        return found
 
     def neighbours(self, image_id: str, k: int = 5) -> dict:
         return {lin.key: self.similar(image_id, lin.key, k) for lin in self.session.lineages}
@@ -219,11 +218,6 @@ class Service:
 
     def ingest(self, file: Path, name: str, label: str | None) -> Outcome:
         return self.batcher.submit(file, name, label).result()
-
-
-def _records(frame: pd.DataFrame) -> list[dict]:
-    """Rows as JSON-ready dicts (NaN as None)."""
-    return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
 def remove_abandoned_uploads(folder: Path, older_than: float = ABANDONED_AFTER_S) -> int:
