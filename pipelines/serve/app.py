@@ -104,14 +104,15 @@ def _api(service: Service, settings: ServeSettings) -> APIRouter:
     async def upload(request: Request) -> dict:
         """Ingest one scan (multipart ``file``, optional ``label``): its id, whether it was
         new, its scores per model and its nearest neighbours per table."""
-        upload = await receive_upload(request, service.store.paths.ingested,
-                                      settings.max_upload_bytes)
-        try:
-            await asyncio.to_thread(check_image, upload.file, settings.max_pixels)
-            outcome = await asyncio.to_thread(service.ingest, upload.file, upload.name,
-                                              upload.fields.get("label") or None)
-        finally:
-            upload.discard()
+        with service.batcher.coming() as ticket:
+            upload = await receive_upload(request, service.store.paths.ingested,
+                                          settings.max_upload_bytes)
+            try:
+                await asyncio.to_thread(check_image, upload.file, settings.max_pixels)
+                outcome = await asyncio.to_thread(service.ingest, upload.file, upload.name,
+                                                  upload.fields.get("label") or None, ticket)
+            finally:
+                upload.discard()
         if outcome.error:
             raise UploadRejected(422, outcome.error)
         neighbours = await asyncio.to_thread(service.neighbours, outcome.image_id,
