@@ -96,13 +96,19 @@ def hammer(n_clients: int, jobs: list, send, deadline: float):
                     if not ok:
                         errors.append("status")
 
-    threads = [threading.Thread(target=client_loop) for _ in range(n_clients)]
+    seconds = run_threads(n_clients, client_loop)
+    return np.array(latencies), errors, seconds
+
+
+def run_threads(n: int, target) -> float:
+    """Seconds for ``n`` threads running ``target`` to finish."""
+    threads = [threading.Thread(target=target) for _ in range(n)]
     t0 = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return np.array(latencies), errors, time.perf_counter() - t0
+    return time.perf_counter() - t0
 
 
 def report(name: str, latencies: np.ndarray, errors: list, seconds: float, rss) -> float:
@@ -258,13 +264,7 @@ def similar_batching_gain(store: Store, key: str, queries: list[str], n_threads:
                         return
                     searchers.records(key, query, 10)
 
-            threads = [threading.Thread(target=loop) for _ in range(n_threads)]
-            t0 = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            rates[gather] = len(queries) / (time.perf_counter() - t0)
+            rates[gather] = len(queries) / run_threads(n_threads, loop)
     print(f"similar in-process, {n_threads} threads, {len(queries)} queries: one product each "
           f"{rates[False]:.0f} q/s, gathered {rates[True]:.0f} q/s: batching gain "
           f"{rates[True] / rates[False]:.2f}x")

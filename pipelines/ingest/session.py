@@ -6,7 +6,7 @@ The order of the writes makes a killed ingest safe to rerun:
 
 1. the file's bytes are copied to ``STORE/ingested/<image_id><ext>`` (atomic rename);
 2. each table gets the image's raw row (one committed part per batch), and its
-   indexes are rebuilt under the table's writer lock;
+   indexes are extended under the table's writer lock;
 3. each saved model on those tables scores it into ``STORE/scores.sqlite``;
 4. last, the manifest gets the image's row: until then the image counts as new,
    so a rerun redoes only the steps that left nothing behind.
