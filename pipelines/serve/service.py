@@ -103,7 +103,6 @@ class Batcher:
                 for (*_, future), outcome in zip(group, outcomes):
                     future.set_result(outcome)
 
-
     def _gather(self) -> list:
         """The next batch: every upload queued, and those still being received (up to
         :data:`BATCH_WAIT_S`)."""
