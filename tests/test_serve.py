@@ -206,6 +206,21 @@ def test_a_table_added_while_serving_is_seen_and_one_that_cannot_load_stops_uplo
     assert (health["uploads"], health["unavailable"]) == (True, {})
 
 
+def test_a_model_fitted_while_serving_is_listed_and_scores_the_next_upload(living):
+    from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+
+    fit = run_fit_heads(FitHeadsConfig(store=living.store, table=TABLE, heads=["svm"],
+                                       search="none", cv=3), echo=lambda _: None)
+    name = f"{living.key}/svm"
+    try:
+        assert name in [m["name"] for m in httpx.get(f"{living.base}/v1/models").json()]
+        answer = _upload(living, living.scans[13])
+        assert answer.status_code == 200, answer.text
+        assert set(answer.json()["scores"]) == {f"{living.key}/logreg", name}
+    finally:
+        shutil.rmtree(fit.heads["svm"].model_dir)
+
+
 def test_concurrent_similar_queries_share_one_product_and_answer_as_one_by_one(living):
     from pipelines.serve.searchers import Searchers
 
