@@ -7,10 +7,13 @@ Prints (issue #15), bounded in requests and time:
    logreg head; throughput, p50/p95/p99 latency, errors, server RSS before/after,
    and the ratio to ``featurestore extract`` img/s on the same images (target >= 0.8);
 2. ``--queries`` ``similar`` queries (k=10) on a ``--rows``-row table of 1,024
-   features with an exact index; queries/s (target >= 200), latency, errors, RSS.
+   features with an exact index; queries/s (target >= 200), latency, errors, RSS;
+3. the batching gains, in-process (no HTTP): ingest one by one vs batches of 8
+   (``--gain-images``), and ``similar`` one product per query vs concurrent queries
+   gathered into one product.
 
     python benchmarks/bench_serve.py [--uploads 400] [--clients 8] [--queries 2000]
-        [--rows 20000] [--time-limit 600]
+        [--rows 20000] [--gain-images 64] [--time-limit 600]
 """
 
 from __future__ import annotations
@@ -93,13 +96,19 @@ def hammer(n_clients: int, jobs: list, send, deadline: float):
                     if not ok:
                         errors.append("status")
 
-    threads = [threading.Thread(target=client_loop) for _ in range(n_clients)]
+    seconds = run_threads(n_clients, client_loop)
+    return np.array(latencies), errors, seconds
+
+
+def run_threads(n: int, target) -> float:
+    """Seconds for ``n`` threads running ``target`` to finish."""
+    threads = [threading.Thread(target=target) for _ in range(n)]
     t0 = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return np.array(latencies), errors, time.perf_counter() - t0
+    return time.perf_counter() - t0
 
 
 def report(name: str, latencies: np.ndarray, errors: list, seconds: float, rss) -> float:
@@ -145,8 +154,41 @@ def extract_rate(store: Path, scans: list[Path]) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def extract_command_rate(tmp: Path, scans: list[Path]) -> float:
+    """``featurestore extract`` (run_extract) of the same files into a fresh store: img/s of
+    the whole run, scan, engine build and writes included (what a user would time)."""
+    from pipelines.extract.run import ExtractConfig, run_extract
+
+    t0 = time.perf_counter()
+    run_extract(ExtractConfig(dataset=scans[0].parent.parent, store=tmp / "plain", pool="max",
+                              weights="none", image_size=32, workers=1, progress=False))
+    return len(scans) / (time.perf_counter() - t0)
+
+
+def ingest_batching_gain(store: Path, scans: list[Path], size: int = 8) -> None:
+    """In-process, no HTTP: the same session ingesting blocks of ``size`` images one by one
+    and as one batch (what the server's batcher does), blocks alternating."""
+    from pipelines.ingest.session import IngestSession
+
+    session = IngestSession.open(store)
+    session.warm()
+    seconds = {True: 0.0, False: 0.0}
+    for n, start in enumerate(range(0, len(scans) - size + 1, size)):
+        block, batched = scans[start: start + size], n % 2 == 1
+        t0 = time.perf_counter()
+        for group in ([block] if batched else [[p] for p in block]):
+            session.ingest([(p, p.name) for p in group])
+        seconds[batched] += time.perf_counter() - t0
+    n_each = len(scans) // size // 2 * size
+    single, batched = n_each / seconds[False], n_each / seconds[True]
+    print(f"ingest in-process, {n_each} images each way: one by one {single:.1f} img/s, "
+          f"batches of {size} {batched:.1f} img/s: batching gain {batched / single:.2f}x")
+
+
 def bench_uploads(args, tmp: Path) -> None:
-    store, scans = build_digits_store(tmp, args.uploads)
+    store, scans = build_digits_store(tmp, args.uploads + args.gain_images)
+    command_rate = extract_command_rate(tmp, scans)  # its folder holds the spare ones too
+    scans, spare = scans[: args.uploads], scans[args.uploads:]
     baseline = extract_rate(store, scans)
 
     def send(client, path):
@@ -160,8 +202,15 @@ def bench_uploads(args, tmp: Path) -> None:
                                       time.monotonic() + args.time_limit / 2)
         rate = report(f"ingest over HTTP ({args.clients} clients)", lat, errors, seconds,
                       (before, server.rss_mb()))
-    print(f"plain extract on the same {len(scans)} images: {baseline:.1f} img/s; "
-          f"HTTP ingest / extract = {rate / baseline:.2f} (target >= 0.8)")
+        health = httpx.get(f"{server.base}/healthz").json()
+        print(f"server's ingest batches: {health['ingest_batches']}, mean "
+              f"{health['ingested_uploads'] / max(1, health['ingest_batches']):.1f} uploads")
+    print(f"plain extract on the same {len(scans)} images: engine loop {baseline:.1f} img/s "
+          f"(no writes), `featurestore extract` {command_rate:.1f} img/s (whole run); HTTP "
+          f"ingest / extract = {rate / baseline:.2f} of the engine loop, "
+          f"{rate / command_rate:.2f} of the command (target >= 0.8)")
+    if len(spare) >= 16:
+        ingest_batching_gain(store, spare)
 
 
 def bench_similar(args, tmp: Path) -> None:
@@ -176,6 +225,7 @@ def bench_similar(args, tmp: Path) -> None:
     with store.open(lineage) as reader:
         SimilarityIndex.build(reader, kind="exact")
     queries = [ids[i] for i in np.random.default_rng(1).integers(0, args.rows, args.queries)]
+    similar_batching_gain(store, lineage.key, queries[: args.queries // 4], args.clients)
 
     def send(client, image_id):
         answer = client.get(f"{server.base}/v1/images/{image_id}/similar",
@@ -191,12 +241,43 @@ def bench_similar(args, tmp: Path) -> None:
     print(f"similar queries/s: {rate:.0f} (target >= 200)")
 
 
+def similar_batching_gain(store: Store, key: str, queries: list[str], n_threads: int) -> None:
+    """In-process, no HTTP, one BLAS thread as in the server: ``n_threads`` threads asking
+    the server's searcher, with one product per query, then with concurrent queries
+    gathered into one product."""
+    from threadpoolctl import threadpool_limits
+
+    from pipelines.serve.searchers import Searchers
+
+    rates = {}
+    with threadpool_limits(1, user_api="blas"):
+        for gather in (False, True):
+            searchers = Searchers(store, gather=gather)
+            searchers.records(key, queries[0], 10)  # opened before the clock starts
+            todo, lock = iter(queries), threading.Lock()
+
+            def loop():
+                while True:
+                    with lock:
+                        query = next(todo, None)
+                    if query is None:
+                        return
+                    searchers.records(key, query, 10)
+
+            rates[gather] = len(queries) / run_threads(n_threads, loop)
+    print(f"similar in-process, {n_threads} threads, {len(queries)} queries: one product each "
+          f"{rates[False]:.0f} q/s, gathered {rates[True]:.0f} q/s: batching gain "
+          f"{rates[True] / rates[False]:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uploads", type=int, default=400)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--gain-images", type=int, default=64,
+                        help="Extra new images for the in-process batching gain of ingest.")
     parser.add_argument("--time-limit", type=float, default=600.0,
                         help="Seconds for both load phases together (each gets half).")
     args = parser.parse_args()

@@ -367,24 +367,37 @@ class Manifest:
         ``{image_id: ""}`` for each image labelled now, a reason for each refused one
         (labelled already otherwise: that is what views are for); images already
         labelled so are left out."""
-        ids = list(dict.fromkeys(image_ids))
-        marks = ", ".join("?" * len(ids))
-        found = self._conn.execute(
-            f"SELECT image_id, label, split, 1 FROM ingested WHERE image_id IN ({marks}) "
-            f"UNION ALL SELECT image_id, label, split, 0 FROM images WHERE image_id IN "
-            f"({marks}) AND missing = 0", ids * 2).fetchall() if ids else []
+        return self.attach_label_map({i: (label, split) for i in image_ids})
+
+    def attach_label_map(self, wanted: Mapping[str, tuple[str, str]], *,
+                         all_or_nothing: bool = False) -> dict[str, str]:
+        """:meth:`attach_labels` with a ``(label, split)`` per image id; an id the manifest
+        lacks gets a reason too. ``all_or_nothing``: any reason, and nothing is written."""
+        ids = list(wanted)
         answer: dict[str, str] = {}
-        for image_id, old_label, old_split, ingested in found:
-            if (old_label, old_split) == (label, split) or image_id in answer:
-                continue
-            answer[image_id] = "" if ingested and old_split == INBOX else (
-                f"already labelled {old_label!r} in {old_split}; a label is changed through "
-                f"a view (featurestore audit-labels --apply), not by a new ingest")
-        now = utc_now()
-        with self.transaction():
+        with self.transaction():  # checked and written under one lock: no half labels
+            found = []
+            for start in range(0, len(ids), 250):  # SQLite's limit on bound parameters
+                chunk = ids[start: start + 250]
+                marks = ", ".join("?" * len(chunk))
+                found += self._conn.execute(
+                    f"SELECT image_id, label, split, 1 FROM ingested WHERE image_id IN "
+                    f"({marks}) UNION ALL SELECT image_id, label, split, 0 FROM images WHERE "
+                    f"image_id IN ({marks}) AND missing = 0", chunk * 2).fetchall()
+            seen = {row[0] for row in found}
+            answer.update((i, "not in the store") for i in ids if i not in seen)
+            for image_id, old_label, old_split, ingested in found:
+                if (old_label, old_split) == wanted[image_id] or image_id in answer:
+                    continue
+                answer[image_id] = "" if ingested and old_split == INBOX else (
+                    f"already labelled {old_label!r} in {old_split}; a label is changed "
+                    f"through a view (featurestore audit-labels --apply), not by a new ingest")
+            if all_or_nothing and any(answer.values()):
+                return answer
+            now = utc_now()
             self._conn.executemany(
                 "UPDATE ingested SET label = ?, split = ?, labelled_at = ? WHERE image_id = ? "
-                "AND split = ?", [(label, split, now, i, INBOX) for i, why in answer.items()
+                "AND split = ?", [(*wanted[i], now, i, INBOX) for i, why in answer.items()
                                   if not why])
         return answer
 

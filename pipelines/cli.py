@@ -32,6 +32,7 @@ COMMANDS = {
     "fine-tune": "pipelines.finetune.run",
     "explain": "pipelines.explain.run",
     "ingest": "pipelines.ingest.run",
+    "label": "pipelines.ingest.labels",
     "scores": "pipelines.ingest.scores",
     "serve": "pipelines.serve.run",
 }

@@ -40,10 +40,10 @@ def build_store(root: Path, *, per_class: int = 20, new_scans: int = 6) -> Simpl
 @pytest.fixture(scope="session")
 def living_store(tmp_path_factory):
     """One store for test_ingest and test_serve (its build is most of their cost): each
-    module ingests its own scans (ingest 0-7, serve 8-20) and checks changes, not totals."""
+    module ingests its own scans (ingest 0-7, serve 8-21) and checks changes, not totals."""
     from pipelines.audit.run import AuditLabelsConfig, run_audit_labels
 
-    living = build_store(tmp_path_factory.mktemp("living"), new_scans=21)
+    living = build_store(tmp_path_factory.mktemp("living"), new_scans=22)
     run_audit_labels(AuditLabelsConfig(store=living.store, table=TABLE, neighbours=0,
                                        method="threshold", below=1.0, top=10),
                      echo=lambda _: None)

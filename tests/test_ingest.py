@@ -118,3 +118,38 @@ def test_a_labelled_ingest_of_inbox_bytes_makes_them_training_data_for_the_next_
     assert written["split"] == INBOX
     again = run_ingest(IngestConfig(paths=[scan], store=living.store, label="8"), **QUIET)
     assert again.exit_code == 2 and "through a view" in again.outcomes[0].error
+
+
+def test_a_decisions_file_labels_inbox_images_all_or_nothing(living):
+    from featurestore._io import hash_file
+
+    runner, store = CliRunner(), Store(living.store)
+    scans = living.scans[5:7]  # in the inbox (test_inbox_rows_... ingests them first)
+    run_ingest(IngestConfig(paths=scans, store=living.store), **QUIET)
+    ids = [hash_file(p) for p in scans]
+    good = living.root / "decisions.csv"
+
+    def refused(rows, reason):
+        pd.DataFrame(rows).to_csv(good, index=False)
+        result = runner.invoke(main, ["label", str(good), "--store", str(living.store)])
+        assert result.exit_code == 2 and reason in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert set(store.manifest().ingested(ids)["split"]) == {INBOX}  # nothing half-applied
+
+    first = {"image_id": ids[0], "label": "3", "split": "val"}
+    refused([first, {"image_id": "f" * 64, "label": "8"}], "row 3: not in the store")
+    refused([first, {"image_id": ids[1], "label": "9"}], "row 3: unknown class '9'")
+    refused([first, {"image_id": ids[0], "label": "8"}], "row 3: image")
+    refused([first, {"path": "gone.png", "label": "8"}], "row 3: no image_id, and no file")
+    # An id or a path on each row: the path's bytes give the id where image_id is empty.
+    pd.DataFrame([first, {"path": str(scans[1].resolve()), "label": "8"}]).to_csv(
+        good, index=False)
+    result = runner.invoke(main, ["label", str(good), "--store", str(living.store)])
+    assert result.exit_code == 0 and "2 inbox image(s) labelled" in result.output, result.output
+    labelled = store.manifest().ingested(ids).set_index("image_id")
+    assert labelled.loc[ids, ["label", "split"]].values.tolist() == [["3", "val"], ["8", "train"]]
+    with store.open(TABLE) as reader:  # what the next fit reads: the labels overlaid
+        rows = reader.metadata().set_index("image_id")
+    assert rows.loc[ids, "label"].tolist() == ["3", "8"]
+    again = runner.invoke(main, ["label", str(good), "--store", str(living.store)])
+    assert again.exit_code == 0 and "2 had that label already" in again.output

@@ -1,6 +1,7 @@
 """featurestore serve over real HTTP: uvicorn started on 127.0.0.1 by the test, an httpx client."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,6 +172,97 @@ def test_writes_need_the_token_and_off_loopback_needs_one_to_start(living):
     refused = CliRunner().invoke(main, ["serve", "--store", str(living.store), "--host",
                                         "0.0.0.0"])
     assert refused.exit_code == 2 and "without --token" in refused.output
+
+
+def test_a_table_added_while_serving_is_seen_and_one_that_cannot_load_stops_uploads_only(
+        living):
+    """A table whose weights file is gone appears without a restart, is reported unavailable
+    and refuses uploads (503, nothing stored) while reads go on; removed, uploads resume."""
+    from featurestore import Lineage
+
+    store = Store(living.store)
+    lineage = Lineage(backbone="densenet121", weights="file:gone.h5",
+                      weights_sha256="0" * 64, pool="avg", input_size=32,
+                      preprocessing="torch")
+    with store.writer(lineage) as writer:
+        writer.append(np.zeros((2, 4), np.float32), image_id=["a" * 64, "b" * 64],
+                      label=["3", "8"], split=["train"] * 2)
+    before = _state(living)
+    try:
+        health = httpx.get(f"{living.base}/healthz").json()
+        assert health["uploads"] is False and "gone.h5" in \
+            health["unavailable"][f"table {lineage.key}"]
+        tables = {t["key"]: t for t in httpx.get(f"{living.base}/v1/tables").json()}
+        assert tables[lineage.key]["available"] is False and tables[living.key]["available"]
+        refused = _upload(living, living.scans[6])
+        assert refused.status_code == 503 and lineage.key in refused.json()["detail"]
+        assert _state(living) == before
+        known = store.manifest().images()["image_id"].iloc[0]
+        assert httpx.get(f"{living.base}/v1/images/{known}/similar",
+                         params={"table": TABLE, "k": 2}).status_code == 200
+    finally:
+        shutil.rmtree(store.table_dir(lineage))
+    health = httpx.get(f"{living.base}/healthz").json()
+    assert (health["uploads"], health["unavailable"]) == (True, {})
+
+
+def test_a_model_fitted_while_serving_is_listed_and_scores_the_next_upload(living):
+    from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
+
+    fit = run_fit_heads(FitHeadsConfig(store=living.store, table=TABLE, heads=["svm"],
+                                       search="none", cv=3), echo=lambda _: None)
+    name = f"{living.key}/svm"
+    try:
+        assert name in [m["name"] for m in httpx.get(f"{living.base}/v1/models").json()]
+        answer = _upload(living, living.scans[13])
+        assert answer.status_code == 200, answer.text
+        assert set(answer.json()["scores"]) == {f"{living.key}/logreg", name}
+    finally:
+        shutil.rmtree(fit.heads["svm"].model_dir)
+
+
+def test_concurrent_similar_queries_share_one_product_and_answer_as_one_by_one(living):
+    from pipelines.serve.searchers import Searchers
+
+    store = Store(living.store)
+    ids = list(store.manifest().images()["image_id"][:12])
+    ks = {i: 2 + n % 4 for n, i in enumerate(ids)}  # a product for several k: each its own
+    alone = Searchers(store, gather=False)
+    expected = {i: alone.search(TABLE, i, ks[i]) for i in ids}
+    gathered = Searchers(store)
+    gathered.search(TABLE, ids[0], 1)
+    gather, answers = gathered._open[living.key].gather, {}
+    with gather._ready:  # a product "running": every query must wait, then share the next
+        gather._busy, products = True, gather.products
+    threads = [threading.Thread(target=lambda i=i: answers.setdefault(
+        i, gathered.search(TABLE, i, ks[i]))) for i in ids]
+    for thread in threads:
+        thread.start()
+    while len(gather._waiting) < len(ids):
+        time.sleep(0.001)
+    with gather._ready:
+        gather._busy = False
+        gather._ready.notify_all()
+    for thread in threads:
+        thread.join()
+    assert gather.products == products + 1
+    for i in ids:
+        assert list(answers[i]["image_id"]) == list(expected[i]["image_id"]), i
+        np.testing.assert_allclose(answers[i]["distance"], expected[i]["distance"], atol=1e-6)
+
+
+def test_start_up_cleanup_removes_only_abandoned_temporaries_of_ours(tmp_path):
+    from pipelines.serve.service import ABANDONED_AFTER_S, remove_abandoned_uploads
+
+    names = (f"{PARTIAL_PREFIX}old", ".tmp-0123abcd-old.png", f"{PARTIAL_PREFIX}live",
+             ".tmp-4567cdef-live.png", "users-own.png")
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    past = time.time() - ABANDONED_AFTER_S - 60
+    for name in names[:2] + names[4:]:
+        os.utime(tmp_path / name, (past, past))
+    assert remove_abandoned_uploads(tmp_path) == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
 
 
 def test_concurrent_uploads_and_a_cli_ingest_of_overlapping_files_land_once(living):

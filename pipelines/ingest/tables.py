@@ -8,11 +8,15 @@ a derived table kept up to date later would call with its own lineage.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from featurestore import Lineage, Store
 from featurestore.errors import WriterLockedError
@@ -50,7 +54,8 @@ _BUILDING = threading.Lock()
 class Engines:
     """Backbones built once per recipe and process, reused by every later batch."""
 
-    batch_size: int = 16
+    batch_size: int = 32
+    """Images per backbone call and per committed part (the server's batches are <= 32)."""
     cache_dir: Path | None = None
     """Where the runtime keeps converted models (``store.paths.openvino_cache``)."""
 
@@ -67,17 +72,28 @@ class Engines:
         return settings, _BUILT[key]
 
 
-def open_writer(store: Store, lineage: Lineage, *, timeout: float) -> TableWriter:
-    """The table's writer, waiting up to ``timeout`` seconds while another process holds it."""
+@contextmanager
+def open_writer(store: Store, lineage: Lineage, *, timeout: float) -> Iterator[TableWriter]:
+    """The table's writer, waiting up to ``timeout`` seconds while another process holds it.
+
+    Opened once: ``with`` on an opened writer opens it again, which reads every
+    committed part's keys a second time (a fifth of a small batch's ingest)."""
     deadline = time.monotonic() + timeout
     while True:
         writer = store.writer(lineage, formats=_formats(store, lineage), consolidate=False)
         try:
-            return writer.open()
+            writer.open()
+            break
         except WriterLockedError:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(_LOCK_POLL_S)
+    try:
+        yield writer
+    except BaseException:
+        writer.__exit__(*sys.exc_info())
+        raise
+    writer.close()
 
 
 def _formats(store: Store, lineage: Lineage) -> tuple[str, ...]:
@@ -87,12 +103,15 @@ def _formats(store: Store, lineage: Lineage) -> tuple[str, ...]:
 
 
 def append_to_table(store: Store, lineage: Lineage, images: Mapping[str, NewImage],
-                    engines: Engines, *, timeout: float = 60.0) -> tuple[int, dict[str, str]]:
+                    engines: Engines, *, timeout: float = 60.0,
+                    features: dict[str, np.ndarray] | None = None) -> tuple[int, dict[str, str]]:
     """Extract and append the raw row of every image the table lacks; then extend its indexes.
 
     Each engine batch is committed as one part, so a kill loses at most the batch
     in flight and a rerun appends only what is still missing. Returns
-    ``(rows added, {image_id: reason})`` for images that could not be extracted.
+    ``(rows added, {image_id: reason})`` for images that could not be extracted;
+    ``features``, when given, receives each appended image's row ``(n_features,)``
+    (what the table now holds: heads score from it without reading the table).
     """
     from pipelines.extract.featurize import iter_feature_batches
 
@@ -111,6 +130,8 @@ def append_to_table(store: Store, lineage: Lineage, images: Mapping[str, NewImag
                                   path=[r.path for r in rows])
                     writer.flush()
                     added += len(rows)
+                    if features is not None:
+                        features.update(zip(batch.image_ids, batch.X))
                 failed.update((image_id, reason) for _, image_id, reason in batch.errors)
         # Still under the writer lock: no other ingest can grow the table meanwhile.
         consolidate_if_many(writer)

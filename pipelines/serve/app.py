@@ -4,7 +4,8 @@ Writes (``POST /v1/images``) need ``Authorization: Bearer <token>`` whenever a
 token is set, and a token must be set unless the server listens on loopback
 only; off loopback the reads need it too. Every refusal is JSON
 ``{"detail": reason}`` with its status: 401 token, 404 unknown id or table,
-413 too large, 415 not an image, 422 truncated, pixel bomb or a bad form.
+413 too large, 415 not an image, 422 truncated, pixel bomb or a bad form, 503
+a table or model of the store cannot be loaded (``/healthz`` says which).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from featurestore import FeatureStoreError
-from pipelines.serve.service import NotFound, Service
+from pipelines.serve.service import NotFound, Service, Unavailable
 from pipelines.serve.uploads import UploadRejected, check_image, receive_upload
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -65,9 +66,14 @@ def create_app(store: str | Path, settings: ServeSettings = ServeSettings()) -> 
     async def _not_found(request, err: NotFound):
         return JSONResponse({"detail": str(err)}, status_code=404)
 
+    @app.exception_handler(Unavailable)
+    async def _unavailable(request, err: Unavailable):
+        return JSONResponse({"detail": str(err)}, status_code=503)
+
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:
-        return {"ok": True}
+        """Always 200 while the process serves; ``uploads`` false names what cannot load."""
+        return service.health()
 
     app.include_router(_api(service, settings))
     from pipelines.serve.review import mount_static, review_router
@@ -98,14 +104,15 @@ def _api(service: Service, settings: ServeSettings) -> APIRouter:
     async def upload(request: Request) -> dict:
         """Ingest one scan (multipart ``file``, optional ``label``): its id, whether it was
         new, its scores per model and its nearest neighbours per table."""
-        upload = await receive_upload(request, service.store.paths.ingested,
-                                      settings.max_upload_bytes)
-        try:
-            await asyncio.to_thread(check_image, upload.file, settings.max_pixels)
-            outcome = await asyncio.to_thread(service.ingest, upload.file, upload.name,
-                                              upload.fields.get("label") or None)
-        finally:
-            upload.discard()
+        with service.batcher.coming() as ticket:
+            upload = await receive_upload(request, service.store.paths.ingested,
+                                          settings.max_upload_bytes)
+            try:
+                await asyncio.to_thread(check_image, upload.file, settings.max_pixels)
+                outcome = await asyncio.to_thread(service.ingest, upload.file, upload.name,
+                                                  upload.fields.get("label") or None, ticket)
+            finally:
+                upload.discard()
         if outcome.error:
             raise UploadRejected(422, outcome.error)
         neighbours = await asyncio.to_thread(service.neighbours, outcome.image_id,
@@ -118,10 +125,12 @@ def _api(service: Service, settings: ServeSettings) -> APIRouter:
         """The image's manifest row and its scores."""
         return service.image(image_id)
 
-    @reads.get("/images/{image_id}/similar")
-    def similar(image_id: str, table: str, k: int = Query(10, ge=1, le=1000)) -> list[dict]:
+    @reads.get("/images/{image_id}/similar", response_model=list[dict])
+    def similar(image_id: str, table: str, k: int = Query(10, ge=1, le=1000)) -> Response:
         """The ``k`` nearest stored images in ``table`` (``featurestore search``)."""
-        return service.similar(image_id, table, k)
+        # Returned as is: the rows are JSON-ready, and FastAPI's encoding and validation
+        # against the response model cost 1.5 ms a request, json.dumps 0.16 ms (loaded).
+        return JSONResponse(service.similar(image_id, table, k))
 
     @reads.get("/images/{image_id}/thumbnail", response_class=Response)
     def thumbnail(image_id: str) -> Response:
@@ -129,8 +138,11 @@ def _api(service: Service, settings: ServeSettings) -> APIRouter:
 
     @reads.get("/tables")
     def tables() -> list[dict]:
+        unavailable = service.health()["unavailable"]
         return [{"key": t.key, "name": t.lineage.name, "rows": t.rows,
-                 "dimension": t.dimension, "formats": list(t.formats)}
+                 "dimension": t.dimension, "formats": list(t.formats),
+                 "available": f"table {t.key}" not in unavailable,
+                 "unavailable_reason": unavailable.get(f"table {t.key}")}
                 for t in service.store.tables()]
 
     @reads.get("/models")
