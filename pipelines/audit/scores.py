@@ -1,4 +1,4 @@
-"""Out-of-sample probabilities of fitted heads, averaged into one ensemble for the audit.
+"""Out-of-sample probabilities of fitted heads, combined into one ensemble for the audit.
 
 Training images are scored by ``oof.parquet`` (out-of-fold: each image was
 predicted by a model that never saw it); held-out images by ``heldout.parquet``
@@ -6,9 +6,13 @@ predicted by a model that never saw it); held-out images by ``heldout.parquet``
 ``image_id``, ``label`` and ``proba_<label>`` per class; ``oof.parquet`` also
 ``fold``, the fold that scored the row.
 
-Out-of-fold probabilities are recalibrated per head before they are averaged
+Out-of-fold probabilities are recalibrated per head before they are combined
 (:func:`classifiers.calibration.calibrate_out_of_fold`, cross-fitted on the
-same folds), so an over-confident head does not outvote the others.
+same folds), so an over-confident head does not outvote the others. The
+members (heads, and the audit's neighbour vote) are then weighted by greedy
+ensemble selection on their log-loss against the given labels
+(:func:`classifiers.heads.ensemble.greedy_selection`), so a weak member adds
+what it knows without diluting a strong one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from pipelines.heads.models import (HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, list_m
                                     prediction_file)
 
 
+#: How the audit weights its members: ``greedy`` (Caruana selection on log-loss) or ``equal``.
+WEIGHTINGS = ("greedy", "equal")
+
+
 @dataclass
 class Scores:
     """The ensemble's view of the audited images, ``n_rows`` of them."""
@@ -32,18 +40,40 @@ class Scores:
     """(n_rows,) image ids, sorted."""
     labels: np.ndarray
     """(n_rows,) int index of each given label into ``classes``."""
-    proba: np.ndarray
-    """(n_rows, n_classes) mean probability of the heads."""
+    members: list[np.ndarray]
+    """(n_rows, n_classes) recalibrated probabilities of each member, in ``heads`` order."""
     classes: list[str]
     heads: list[str]
-    """Heads averaged (``<head>[@<view>]``)."""
+    """Members (``<head>[@<view>]``, ``neighbours``)."""
     fold: np.ndarray | None = None
     """(n_rows,) fold that scored each row (out-of-fold scores only)."""
+    weights: np.ndarray | None = None
+    """(n_members,) weights of ``proba``, summing to 1 (set by :meth:`combine`)."""
+    proba: np.ndarray | None = None
+    """(n_rows, n_classes) weighted mean of the members (set by :meth:`combine`)."""
+
+    def add_member(self, name: str, proba: np.ndarray) -> None:
+        self.members.append(proba)
+        self.heads.append(name)
+
+    def combine(self, weighting: str = "greedy") -> np.ndarray:
+        """Weight the members into ``proba``; returns it."""
+        if weighting not in WEIGHTINGS:
+            raise FeatureStoreError(f"weighting must be one of {', '.join(WEIGHTINGS)}; "
+                                    f"got {weighting!r}.")
+        if weighting == "greedy" and len(self.members) > 1:
+            from classifiers.heads.ensemble import greedy_selection
+
+            self.weights = greedy_selection(self.members, self.labels)
+        else:
+            self.weights = np.full(len(self.members), 1 / len(self.members))
+        self.proba = np.tensordot(self.weights, np.stack(self.members), axes=1)
+        return self.proba
 
 
 def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
                 split: str = "train", calibration: str = "temperature") -> Scores:
-    """Average the heads' probabilities of ``split`` images, aligned by image id.
+    """The heads' probabilities of ``split`` images as members, aligned by image id.
 
     ``calibration`` (``temperature``, ``isotonic``, ``none``) applies to
     out-of-fold scores only: held-out scores have no folds to cross-fit on.
@@ -94,10 +124,10 @@ def _ensemble(frames: list[tuple[str, pd.DataFrame]], split: str, calibration: s
 
     index = np.searchsorted(classes, labels)
     # Each head is calibrated on its own folds (heads may be fitted with other --cv/--seed).
-    proba = np.mean([calibrate_out_of_fold(
+    members = [calibrate_out_of_fold(
         index, f[columns].to_numpy(dtype=np.float64), f["fold"].to_numpy(),
         method=calibration) if "fold" in f else f[columns].to_numpy(dtype=np.float64)
-        for _, f in frames], axis=0)
+        for _, f in frames]
     fold = first["fold"].to_numpy() if "fold" in first else None
-    return Scores(first["image_id"].astype(str).to_numpy(), index, proba, classes,
+    return Scores(first["image_id"].astype(str).to_numpy(), index, members, classes,
                   [n for n, _ in frames], fold)
