@@ -41,7 +41,8 @@ from featurestore._io import atomic_write, utc_now
 from featurestore.views import View, ViewStore, apply_view
 from pipelines.heads.leaderboard import format_leaderboard, update_leaderboard
 from pipelines.heads.shared import refit_claimant, run_workers
-from pipelines.heads.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, save_model
+from pipelines.heads.models import (HELDOUT_FILE, OOF_FILE, OOF_VIEWS_FILE, PROBA_PREFIX,
+                                    save_model)
 
 SEARCHES = ("optuna", "none")
 
@@ -197,7 +198,7 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
     folds = grouped_folds(y_enc, groups, is_raw, n_splits=config.cv, seed=config.seed)
     fold_of = np.full(len(y), -1)
     for k, fold in enumerate(folds):
-        fold_of[fold.test] = k
+        fold_of[fold.test] = fold_of[fold.views] = k
     fixed = {"class_weight": class_weight, "n_jobs": config.n_jobs,
              "random_state": config.seed}
     # Threads change speed, not results: they stay out of the study name.
@@ -310,6 +311,11 @@ def _prediction_files(train, search: TuningResult, classes, held_out, held_proba
     raw = ids["aug_id"] == 0
     files = {OOF_FILE: lambda path: _save_oof(path, ids[raw], y[raw], fold_of[raw],
                                               search.oof[raw], classes)}
+    views = (fold_of >= 0) & ~np.asarray(raw)  # scored by their image's fold, for audit TTA
+    if views.any():
+        files[OOF_VIEWS_FILE] = lambda path: _save_predictions(
+            path, ids[views], y[views], {"fold": fold_of[views], "aug_id": np.asarray(
+                ids["aug_id"])[views]}, search.oof[views], classes)
     if held_proba is not None:
         files[HELDOUT_FILE] = lambda path: _save_held_out(path, held_out, held_proba, classes,
                                                           predicted)
