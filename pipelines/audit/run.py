@@ -63,6 +63,9 @@ class AuditLabelsConfig:
     weighting: str = "greedy"
     """How the members (heads, neighbour vote) are weighted: ``greedy`` (ensemble
     selection on their log-loss against the given labels) or ``equal``."""
+    tta: bool = True
+    """Average each train image's out-of-fold probabilities over its augmented views,
+    where the table has views (test-time augmentation)."""
     neighbour_vote: bool = True
     """Add the out-of-fold vote of each image's nearest neighbours in feature space
     as one more ensemble member (train split, unless a ``knn`` head is audited)."""
@@ -166,7 +169,8 @@ def run_audit_labels(config: AuditLabelsConfig, echo: Callable[[str], None] = pr
 
 def _audit(store: Store, key: str, images: pd.DataFrame, config: AuditLabelsConfig,
            echo) -> AuditResult:
-    scores = load_scores(store, key, config.heads, config.split, config.calibration)
+    scores = load_scores(store, key, config.heads, config.split, config.calibration,
+                         tta=config.tta)
     _warn_unscored(images, scores.image_id, key, config.split, echo)
     X = None
     if _wants_vote(config, scores):
@@ -323,6 +327,8 @@ def format_views(store: str | Path | Store) -> str:
               show_default=True, help="Out-of-fold recalibration of each head before averaging.")
 @click.option("--weighting", type=click.Choice(WEIGHTINGS), default="greedy", show_default=True,
               help="Member weights: greedy selection on log-loss, or equal.")
+@click.option("--tta/--no-tta", default=True, show_default=True,
+              help="Average each image over its augmented views' out-of-fold probabilities.")
 @click.option("--neighbour-vote/--no-neighbour-vote", default=True, show_default=True,
               help="Add the out-of-fold vote of nearest neighbours in feature space.")
 @click.option("--top", type=click.IntRange(min=1), default=None,

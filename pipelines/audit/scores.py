@@ -4,7 +4,11 @@ Training images are scored by ``oof.parquet`` (out-of-fold: each image was
 predicted by a model that never saw it); held-out images by ``heldout.parquet``
 (the refitted head, which never saw them either). Both files have columns
 ``image_id``, ``label`` and ``proba_<label>`` per class; ``oof.parquet`` also
-``fold``, the fold that scored the row.
+``fold``, the fold that scored the row. A table with augmented views also has
+``oof-views.parquet``: the same folds' probabilities of each train image's
+views (the fold that scored an image scored its views, and trained on none of
+them); the audit averages each image's probabilities over its raw row and
+views (test-time augmentation that the store already paid for).
 
 Out-of-fold probabilities are recalibrated per head before they are combined
 (:func:`classifiers.calibration.calibrate_out_of_fold`, cross-fitted on the
@@ -24,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from featurestore import FeatureStoreError, Store
-from pipelines.heads.models import (HELDOUT_FILE, OOF_FILE, PROBA_PREFIX, list_models, model_dir,
-                                    prediction_file)
+from pipelines.heads.models import (HELDOUT_FILE, OOF_FILE, OOF_VIEWS_FILE, PROBA_PREFIX,
+                                    list_models, model_dir, prediction_file)
 
 
 #: How the audit weights its members: ``greedy`` (Caruana selection on log-loss) or ``equal``.
@@ -72,11 +76,13 @@ class Scores:
 
 
 def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
-                split: str = "train", calibration: str = "temperature") -> Scores:
+                split: str = "train", calibration: str = "temperature",
+                tta: bool = True) -> Scores:
     """The heads' probabilities of ``split`` images as members, aligned by image id.
 
     ``calibration`` (``temperature``, ``isotonic``, ``none``) applies to
     out-of-fold scores only: held-out scores have no folds to cross-fit on.
+    ``tta`` averages each train image over its views where the head scored them.
     """
     file = OOF_FILE if split == "train" else HELDOUT_FILE
     available = [r for r in list_models(store)
@@ -98,8 +104,22 @@ def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
             raise FeatureStoreError(f"No {file} for head {name!r} on table {table_key}. "
                                     f"Heads available: {', '.join(names) or 'none'}.")
         frame = pd.read_parquet(prediction_file(path.parent, file))  # saved with this model?
+        views = prediction_file(path.parent, OOF_VIEWS_FILE) if tta and split == "train" else None
+        if views is not None:
+            frame = _average_views(frame, pd.read_parquet(views))
         frames.append((name, frame.sort_values("image_id", ignore_index=True)))
     return _ensemble(frames, split, calibration)
+
+
+def _average_views(frame: pd.DataFrame, views: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each image's probabilities averaged over its row and its views' rows."""
+    columns = [c for c in frame if c.startswith(PROBA_PREFIX)]
+    views = views[views["image_id"].isin(frame["image_id"])]
+    rows = pd.concat([frame[["image_id", *columns]], views[["image_id", *columns]]])
+    mean = rows.groupby("image_id", sort=False)[columns].mean()
+    out = frame.copy()
+    out[columns] = mean.loc[frame["image_id"]].to_numpy()
+    return out
 
 
 def _ensemble(frames: list[tuple[str, pd.DataFrame]], split: str, calibration: str) -> Scores:
