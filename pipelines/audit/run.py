@@ -2,8 +2,9 @@
 
 1. **Audit**: the out-of-fold probabilities that ``fit-heads`` saved for each
    head (``oof.parquet``; an ensemble of the chosen heads and a neighbour vote,
-   weighted by greedy selection) score every training image; cleanlab's confident learning (default) or the threshold
-   rule flags and ranks the suspects. Written to
+   weighted by greedy selection) score every training image; cleanlab's
+   confident learning (default) or the threshold rule flags and ranks the
+   suspects. Written to
    ``STORE/audits/<table_key>/<run>/``: ``suspects.parquet``, ``suspects.csv``
    (with empty ``decision``, ``new_label`` and ``reason`` columns for the
    reviewer), ``run.json`` and ``index.html``, a gallery of suspects worst
@@ -58,7 +59,7 @@ class AuditLabelsConfig:
     method: str = "cleanlab"
     """``cleanlab`` (confident learning) or ``threshold`` (see ``below``/``above``)."""
     calibration: str = "temperature"
-    """Out-of-fold recalibration of each head before averaging: ``temperature``,
+    """Out-of-fold recalibration of each head before combining: ``temperature``,
     ``isotonic`` or ``none`` (train split only)."""
     weighting: str = "greedy"
     """How the members (heads, neighbour vote) are weighted: ``greedy`` (ensemble

@@ -61,10 +61,7 @@ class Scores:
         self.heads.append(name)
 
     def combine(self, weighting: str = "greedy") -> np.ndarray:
-        """Weight the members into ``proba``; returns it."""
-        if weighting not in WEIGHTINGS:
-            raise FeatureStoreError(f"weighting must be one of {', '.join(WEIGHTINGS)}; "
-                                    f"got {weighting!r}.")
+        """Weight the members into ``proba`` (``weighting``: one of ``WEIGHTINGS``); returns it."""
         if weighting == "greedy" and len(self.members) > 1:
             from classifiers.heads.ensemble import greedy_selection
 
