@@ -14,9 +14,9 @@ lines: scikit-learn's ``cross_val_predict`` of ``LogisticRegression`` (5
 folds) on the same features, ranked by the probability of the given label;
 beside the project's audit before issue 18 (``--calibration none
 --no-neighbour-vote --weighting equal``), with equal member weights, and
-(``--views N``) without test-time augmentation. For each ranking, a plain
-logistic regression is refitted without its top K and scored on the test
-split ("acc after drop").
+(``--views N``) with test-time augmentation (``--tta``). For each ranking, a
+plain logistic regression is refitted without its top K and scored on the
+test split ("acc after drop").
 
 For each flip rate (5% and 10% of the train labels, changed to another class
 at random, seeded) the script fits heads on the noisy labels (``fit-heads``:
@@ -201,9 +201,9 @@ def drop_accuracy(table: Table, dropped) -> float:
 def variants(args) -> dict:
     """Audits compared in one run: name -> ``AuditLabelsConfig`` options."""
     out = {"before issue 18": UNCALIBRATED, "equal weights": {"weighting": "equal"}}
-    if args.views:
-        out["no TTA"] = {"tta": False}
     out["project (default)"] = {}
+    if args.views:
+        out["with TTA (--tta)"] = {"tta": True}
     out["threshold 0.5"] = {"method": "threshold"}
     return out
 

@@ -8,7 +8,7 @@ predicted by a model that never saw it); held-out images by ``heldout.parquet``
 ``oof-views.parquet``: the same folds' probabilities of each train image's
 views (the fold that scored an image scored its views, and trained on none of
 them); the audit averages each image's probabilities over its raw row and
-views (test-time augmentation that the store already paid for).
+views (test-time augmentation that the store already paid for), when asked.
 
 Out-of-fold probabilities are recalibrated per head before they are combined
 (:func:`classifiers.calibration.calibrate_out_of_fold`, cross-fitted on the
@@ -74,7 +74,7 @@ class Scores:
 
 def load_scores(store: Store, table_key: str, heads: Sequence[str] | None,
                 split: str = "train", calibration: str = "temperature",
-                tta: bool = True) -> Scores:
+                tta: bool = False) -> Scores:
     """The heads' probabilities of ``split`` images as members, aligned by image id.
 
     ``calibration`` (``temperature``, ``isotonic``, ``none``) applies to
