@@ -2,6 +2,8 @@
 plain ranking a user could write in three lines, and its out-of-fold recalibration must
 keep probabilities valid while making them better."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -84,6 +86,8 @@ def test_audit_beats_the_plain_ranking_on_lookalike_classes(lookalike_store):
     ours, audit = top_k_precision(root, flipped)
     before, _ = top_k_precision(root, flipped, calibration="none", neighbour_vote=False)
     assert audit.heads == ["logreg", "neighbours"]
+    weights = json.loads((audit.run_dir / "run.json").read_text())["weights"]
+    assert set(weights) == {"logreg", "neighbours"} and sum(weights.values()) == pytest.approx(1)
     assert ours >= plain + 0.05, (ours, plain)
     assert ours > before, (ours, before)  # the recalibrated ensemble is what earns it
 
