@@ -7,8 +7,11 @@ then every augmented row joins the training side of each fold whose training
 groups contain its image. So:
 
 * a group (image) is on one side of a fold only, with all its views;
-* augmented rows are only ever trained on, never scored;
-* out-of-fold probabilities exist for every raw row, once.
+* a fold trains on augmented rows of its training images, and scores the
+  augmented rows of its test images (``Fold.views``, test-time augmentation
+  that the label audit averages), never the other way round;
+* out-of-fold probabilities exist for every raw row, once; the objective is
+  scored on raw rows only.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 
 class LeakageError(AssertionError):
-    """A group sits on both sides of a fold, or an augmented row is scored."""
+    """A group sits on both sides of a fold, or an augmented row is tested."""
 
 
 class Fold(NamedTuple):
-    """Row positions of one fold: ``train`` (raw and augmented), ``test`` (raw only)."""
+    """Row positions of one fold: ``train`` (raw and augmented), ``test`` (raw only), and
+    ``views``: augmented rows of the test images, scored by the fold's model, never trained."""
 
     train: np.ndarray
     test: np.ndarray
+    views: np.ndarray = np.empty(0, dtype=np.int64)
 
 
 def grouped_folds(y: np.ndarray, groups: np.ndarray, is_raw: np.ndarray, *, n_splits: int = 5,
@@ -51,9 +56,9 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, is_raw: np.ndarray, *, n_sp
         test_groups = groups[raw[test_raw]]
         # Views of a held-out image stay out of training; views of images with
         # no raw row anywhere are never scored, so they may train every fold.
-        keep_aug = augmented[~np.isin(groups[augmented], test_groups)]
-        folds.append(Fold(np.sort(np.concatenate([raw[train_raw], keep_aug])),
-                          np.sort(raw[test_raw])))
+        tested = np.isin(groups[augmented], test_groups)
+        folds.append(Fold(np.sort(np.concatenate([raw[train_raw], augmented[~tested]])),
+                          np.sort(raw[test_raw]), augmented[tested]))
     check_folds(folds, groups, is_raw)
     return folds
 
@@ -66,13 +71,20 @@ def check_folds(folds: list[Fold], groups: np.ndarray, is_raw: np.ndarray) -> No
             raise LeakageError(f"Fold {k}: {straddling.size} image(s) on both sides, e.g. "
                                f"{straddling[0]!r}.")
         if not np.all(is_raw[fold.test]):
-            raise LeakageError(f"Fold {k} scores augmented rows.")
+            raise LeakageError(f"Fold {k} tests augmented rows.")
+        if np.intersect1d(groups[fold.train], groups[fold.views]).size:
+            raise LeakageError(f"Fold {k} scores views of images it trains on.")
 
 
 #: ``on_fold(k, y_test_enc, proba_test)`` is called after each fold (pruning hook).
 FoldCallback = Callable[[int, np.ndarray, np.ndarray], None]
-#: ``fit_predict(fold) -> (classes_, proba of fold.test)``: fits one fold elsewhere.
+#: ``fit_predict(fold) -> (classes_, proba of scored_rows(fold))``: fits one fold elsewhere.
 FitPredict = Callable[[Fold], tuple[np.ndarray, np.ndarray]]
+
+
+def scored_rows(fold: Fold) -> np.ndarray:
+    """Rows a fold's model predicts: its test rows, then the views of its test images."""
+    return np.concatenate([fold.test, fold.views])
 
 
 def cross_val_proba(make_estimator: Callable[[], object], X: np.ndarray, y: np.ndarray,
@@ -81,6 +93,9 @@ def cross_val_proba(make_estimator: Callable[[], object], X: np.ndarray, y: np.n
                     after_fold: Callable[[], None] | None = None,
                     fit_predict: FitPredict | None = None) -> np.ndarray:
     """Out-of-fold probabilities ``(n_rows, n_classes)``; NaN on rows never scored.
+
+    Each fold's model scores its test rows and the views of its test images
+    (:func:`scored_rows`); ``on_fold`` sees the test rows only.
 
     ``y (n_rows,)`` holds the labels and ``classes`` their sorted unique
     values, which give the column order; a fold whose training part lacks a
@@ -95,15 +110,15 @@ def cross_val_proba(make_estimator: Callable[[], object], X: np.ndarray, y: np.n
         if fit_predict is None:
             estimator = make_estimator()
             estimator.fit(X[fold.train], y[fold.train], groups=groups[fold.train])
-            fitted, fold_proba = estimator.classes_, estimator.predict_proba(X[fold.test])
+            fitted, fold_proba = estimator.classes_, estimator.predict_proba(X[scored_rows(fold)])
             del estimator
             if after_fold is not None:
                 after_fold()
         else:
             fitted, fold_proba = fit_predict(fold)
-        proba = np.zeros((len(fold.test), len(classes)))
+        proba = np.zeros((len(fold_proba), len(classes)))
         proba[:, np.searchsorted(classes, fitted)] = fold_proba
-        oof[fold.test] = proba
+        oof[scored_rows(fold)] = proba
         if on_fold is not None:
-            on_fold(k, np.searchsorted(classes, y[fold.test]), proba)
+            on_fold(k, np.searchsorted(classes, y[fold.test]), proba[:len(fold.test)])
     return oof

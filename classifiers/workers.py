@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from classifiers.cv import Fold
+from classifiers.cv import Fold, scored_rows
 
 _DATA: dict[str, np.ndarray] = {}
 
@@ -69,10 +69,10 @@ class FoldWorker:
 
     def fit_predict(self, head: str, params: dict[str, Any],
                     fold: Fold) -> tuple[np.ndarray, np.ndarray]:
-        """``(classes_, proba (len(fold.test), n_fitted_classes))`` of one fold."""
+        """``(classes_, proba (len(scored_rows(fold)), n_fitted_classes))`` of one fold."""
         try:
             return self._executor().submit(_fit_predict, head, dict(params), fold.train,
-                                           fold.test).result()
+                                           scored_rows(fold)).result()
         except BrokenProcessPool as err:
             self.close()
             raise RuntimeError(f"The worker process fitting {head!r} died (killed or out of "

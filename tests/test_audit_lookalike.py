@@ -2,7 +2,10 @@
 plain ranking a user could write in three lines, and its out-of-fold recalibration must
 keep probabilities valid while making them better."""
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
@@ -15,6 +18,7 @@ from classifiers.label_issues import neighbour_vote
 from classifiers.registry import create_head
 from featurestore import Lineage, Store
 from pipelines.audit.run import AuditLabelsConfig, run_audit_labels
+from pipelines.audit.scores import load_scores
 from pipelines.heads.fit import FitHeadsConfig, run_fit_heads
 
 QUIET = {"echo": lambda s: None}
@@ -82,6 +86,8 @@ def test_audit_beats_the_plain_ranking_on_lookalike_classes(lookalike_store):
     ours, audit = top_k_precision(root, flipped)
     before, _ = top_k_precision(root, flipped, calibration="none", neighbour_vote=False)
     assert audit.heads == ["logreg", "neighbours"]
+    weights = json.loads((audit.run_dir / "run.json").read_text())["weights"]
+    assert set(weights) == {"logreg", "neighbours"} and sum(weights.values()) == pytest.approx(1)
     assert ours >= plain + 0.05, (ours, plain)
     assert ours > before, (ours, before)  # the recalibrated ensemble is what earns it
 
@@ -124,3 +130,36 @@ def test_calibration_and_vote_refuse_what_they_cannot_do():
         calibrate_out_of_fold(y, np.full((4, 2), 0.5), method="platt")
     with pytest.raises(ClassifierError, match="fewer than two classes"):
         neighbour_vote(np.zeros((4, 3)), np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1]), 2)
+
+
+def test_the_audit_averages_each_image_over_its_views_scored_by_the_same_fold(tmp_path):
+    """Test-time augmentation: fit-heads scores each train image's views with the fold model
+    that scored the image (and trained on none of them); the audit averages them."""
+    X, y = lookalike_digits()
+    X, y = X[:240], y[:240]
+    ids = np.array([f"{i:064x}" for i in range(len(y))])
+    labels = np.asarray(LOOKALIKE)[y].astype(str)
+    views = X.repeat(2, axis=0) + np.random.default_rng(2).normal(0, 2, (2 * len(y), 64))
+    lineage = Lineage(backbone="digits", weights="none", pool="max", input_size=8,
+                      preprocessing="none")
+    with Store(tmp_path).writer(lineage, formats=("hdf5",)) as w:
+        w.append(X, image_id=ids, label=labels, split=np.full(len(y), "train"))
+        w.append(views.astype(np.float32), image_id=ids.repeat(2), aug_id=np.tile([1, 2], len(y)),
+                 label=labels.repeat(2), split=np.full(2 * len(y), "train"))
+    fitted = run_fit_heads(FitHeadsConfig(store=tmp_path, table="digits/max", heads=["logreg"],
+                                          search="none", cv=4), **QUIET)
+    folder = fitted.heads["logreg"].model_dir
+    oof = pd.read_parquet(folder / "oof.parquet").set_index("image_id")
+    scored_views = pd.read_parquet(folder / "oof-views.parquet")
+    assert sorted(scored_views.groupby("image_id")["aug_id"].apply(sorted).explode().unique()) \
+        == [1, 2] and len(scored_views) == 2 * len(y)
+    np.testing.assert_array_equal(scored_views["fold"], oof.loc[scored_views["image_id"], "fold"])
+    columns = [c for c in oof if c.startswith("proba_")]
+    by_image = pd.concat([oof[columns].reset_index(), scored_views[["image_id", *columns]]])
+    mean = by_image.groupby("image_id")[columns].mean().sort_index().to_numpy()
+    store = Store(tmp_path)
+    tta = load_scores(store, fitted.table_key, ["logreg"], calibration="none", tta=True)
+    raw = load_scores(store, fitted.table_key, ["logreg"], calibration="none")
+    np.testing.assert_allclose(tta.members[0], mean)
+    np.testing.assert_allclose(raw.members[0], oof[columns].sort_index().to_numpy())
+    assert not np.allclose(tta.members[0], raw.members[0])

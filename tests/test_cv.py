@@ -45,8 +45,11 @@ def test_views_of_an_image_never_straddle_a_fold():
     folds = grouped_folds(y, groups, raw, n_splits=5, seed=0)
     scored = np.concatenate([f.test for f in folds])
     assert sorted(scored) == sorted(np.flatnonzero(raw))  # every raw row once, views never
+    views = np.concatenate([f.views for f in folds])
+    assert sorted(views) == sorted(np.flatnonzero(~raw))  # each view scored once, for TTA
     for fold in folds:
         assert not set(groups[fold.train]) & set(groups[fold.test])
+        assert set(groups[fold.views]) <= set(groups[fold.test])
         assert raw[fold.test].all()
         assert (~raw[fold.train]).sum() == 3 * raw[fold.train].sum()  # views train
     # Stratified: each fold's class mix is close to the whole.
@@ -65,14 +68,17 @@ def test_the_straddle_check_catches_folds_that_ignore_groups():
         check_folds(by_row, groups, np.ones(len(y), bool))
 
 
-def test_cross_val_proba_trains_on_other_images_and_scores_raw_rows_only():
+def test_cross_val_proba_trains_on_other_images_and_scores_their_views_with_them():
     X, y, groups, raw = augmented_digits(n_views=2)
     folds = grouped_folds(y, groups, raw, n_splits=4, seed=1)
     SpyHead.seen = []
     oof = cross_val_proba(SpyHead, X, y, groups, folds, np.arange(10))
-    assert np.isnan(oof[~raw]).all() and not np.isnan(oof[raw]).any()
+    assert not np.isnan(oof).any()
     for seen, fold in zip(SpyHead.seen, folds):
         assert seen.isdisjoint(groups[fold.test])
+        # The model of the fold that tested an image scored its views (SpyHead: one prior).
+        np.testing.assert_array_equal(oof[fold.views], np.tile(oof[fold.test[0]],
+                                                               (len(fold.views), 1)))
 
 
 def test_cv_larger_than_the_images_is_refused():

@@ -207,7 +207,7 @@ def run_fit_heads(config: FitHeadsConfig, echo: Callable[[str], None] = print) -
     folds = grouped_folds(y_enc, groups, is_raw, n_splits=config.cv, seed=config.seed)
     fold_of = np.full(len(y), -1)
     for k, fold in enumerate(folds):
-        fold_of[fold.test] = k
+        fold_of[fold.test] = fold_of[fold.views] = k
     fixed = {"class_weight": class_weight, "n_jobs": config.n_jobs,
              "random_state": config.seed}
     # Threads change speed, not results: they stay out of the study name.

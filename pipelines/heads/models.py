@@ -9,6 +9,7 @@
       model.ubj         XGBoost booster (UBJSON), or
       model.keras       Keras model
       oof.parquet       out-of-fold probabilities of the tuning split (written by fit-heads)
+      oof-views.parquet the same folds' probabilities of the augmented views (tables with views)
       heldout.parquet   the refitted head's predictions on the held-out split (fit-heads)
 
 A head fitted on a cleaned view of the table (``fit-heads --view NAME``) lives
@@ -45,6 +46,8 @@ from pipelines.heads.model_folder import (MODEL_JSON, check_all_files, checked_f
                                           write_model_folder)
 
 OOF_FILE = "oof.parquet"
+#: Out-of-fold probabilities of the train images' augmented views (``aug_id`` column), for TTA.
+OOF_VIEWS_FILE = "oof-views.parquet"
 HELDOUT_FILE = "heldout.parquet"
 #: Prefix of the per-class probability columns of oof.parquet, heldout.parquet and predict's output.
 PROBA_PREFIX = "proba_"

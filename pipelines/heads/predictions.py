@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from featurestore._io import atomic_write
-from pipelines.heads.models import HELDOUT_FILE, OOF_FILE, PROBA_PREFIX
+from pipelines.heads.models import HELDOUT_FILE, OOF_FILE, OOF_VIEWS_FILE, PROBA_PREFIX
 
 
 def prediction_files(train, search, classes, held_out, held_proba,
@@ -19,6 +19,11 @@ def prediction_files(train, search, classes, held_out, held_proba,
     raw = ids["aug_id"] == 0
     files = {OOF_FILE: lambda path: _save_oof(path, ids[raw], y[raw], fold_of[raw],
                                               search.oof[raw], classes)}
+    views = (fold_of >= 0) & ~np.asarray(raw)  # scored by their image's fold, for audit TTA
+    if views.any():
+        files[OOF_VIEWS_FILE] = lambda path: _save_predictions(
+            path, ids[views], y[views], {"fold": fold_of[views], "aug_id": np.asarray(
+                ids["aug_id"])[views]}, search.oof[views], classes)
     if held_proba is not None:
         files[HELDOUT_FILE] = lambda path: save_held_out(path, held_out, held_proba, classes,
                                                           predicted)
