@@ -3,7 +3,7 @@ in the store and trusted only after a hash check, and the runtime is recorded, n
 
 One OpenVINO conversion (DenseNet121 at 32 px, about 20 s) is shared by the module; the
 cache mechanics are checked on that entry's real files. Every other backbone is checked by
-the ``slow`` test and ``benchmarks/bench_extract.py --check-runtimes``.
+the ``slow`` test and ``benchmarks/bench_extract.py zoo``.
 """
 
 import json

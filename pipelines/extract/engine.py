@@ -17,12 +17,13 @@
 
 :func:`default_workers` picks by runtime, as measured by ``benchmarks/bench_extract.py
 layouts``: OpenVINO's streams need no second process (each stream is one core's
-thread, and a stream slowed by a busy core takes fewer slices of a batch), so it
+thread, and a stream slowed by a busy core takes fewer views of a batch), so it
 spares the second process's start, model compile and result pipe.
 
 Features do not depend on where a view is computed: every worker builds the
 same model (same weights file or same seeded initialisation) and every batch
-has the same shape (see ``pipelines.extract.loader``).
+has the same shape (see ``pipelines.extract.loader``); the openvino runtime
+computes each view alone.
 """
 
 from __future__ import annotations
