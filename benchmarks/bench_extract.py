@@ -221,7 +221,8 @@ def _print_shares(work: Path, folder: Path, end_to_end: float) -> None:
     print("  before the backbone, CPU-ms per image on one core: " +
           ", ".join(f"{k} {v:.1f}" for k, v in decode.items()) +
           f"; decode is {before / (before + alone['cpu_ms']):.0%} of the CPU work, so "
-          f"{cores} cores bound end to end at {bound:.1f} img/s = {share(bound)}")
+          f"{cores} cores bound end to end at {bound:.1f} img/s = {share(bound)} (CPU-time "
+          f"based: compare with the peak on a quiet machine only)")
 
 
 def section_layouts(work: Path, n_images: int) -> None:
