@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/bench_extract.py [all|compare|steady|matmul|bf16|rss|runtimes|zoo]
-                                       [--images N]
+    python benchmarks/bench_extract.py [all|compare|steady|matmul|bf16|rss|runtimes|layouts|
+                                        commits|zoo] [--images N]
 
 Sections (``all`` runs each once, in this order; a few minutes on 2 cores):
 
@@ -28,9 +28,22 @@ bf16
 runtimes
     ``--runtime keras`` against ``--runtime openvino`` end to end on one folder
     at 224 px (process start, conversion or cache load, decode included), the
-    seed-style baseline against openvino, openvino's steady speed over fresh
-    runs, its share of the oneDNN float32 matmul peak (an OpenVINO MatMul, the
-    kernels the runtime uses), and the features' max relative L2 to keras'.
+    seed-style baseline against openvino, openvino's steady speed over 5 fresh
+    runs, and the features' max relative L2 to keras'. Then the share of the
+    oneDNN float32 peak, computed as ``img/s x 5.7 GFLOPs per image / peak``
+    where the peak is an OpenVINO MatMul 2048^2 on all cores (the kernels the
+    runtime uses, not numpy's BLAS): once for the whole extraction (the steady
+    runs' mean) and once for the backbone alone on decoded batches; and the
+    CPU-ms per image of read, hash, decode and preprocess, with the bound they
+    put on end to end (cores / (their CPU-ms + the backbone's CPU-ms)).
+layouts
+    openvino end to end in the layouts the default was picked from: one process
+    with one stream per core (the default), one process with one stream of all
+    cores (latency mode), one pinned process per core; run twice, interleaved.
+commits
+    Parts per table, write, consolidation and read time of an 8,192-row table
+    written as extract writes it, committing by rows only vs also every 60 s,
+    at 2 and 17 img/s (a virtual clock drives the writer's own rule).
 zoo
     Every registered backbone at a small input: openvino's features against
     keras' (max relative L2; the runtimes share tables only within 1e-5).
@@ -46,168 +59,18 @@ its weights. Timings on a shared machine vary with its load, printed per section
 
 from __future__ import annotations
 
-import json
 import os
-import resource
-import subprocess
+import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import click
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DENSENET121_GFLOPS = 5.7  # per 224x224 image, multiply and add counted apart
-
-
-# -- data --------------------------------------------------------------------------
-
-
-def make_scans(root: Path, n: int, size: int = 2048, fmt: str = "jpg",
-               contrast: float = 80.0) -> Path:
-    """``root/<class>/<i>.<fmt>``: grayscale X-ray-like images in two classes.
-
-    "threat" images hold a dense disc of brightness ``contrast`` over the noise.
-    """
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    for i in range(n):
-        label = ("clear", "threat")[i % 2]
-        (root / label).mkdir(parents=True, exist_ok=True)
-        body = 120 + 50 * np.sin(xx / (30 + i % 17)) * np.cos(yy / (25 + i % 13))
-        if label == "threat":  # a dense object somewhere
-            cy, cx = rng.integers(size // 5, 4 * size // 5, 2)
-            body += contrast * (((yy - cy) ** 2 + (xx - cx) ** 2) < (size // 10) ** 2)
-        body += rng.normal(0, 8, body.shape)
-        Image.fromarray(body.clip(0, 255).astype(np.uint8), "L").save(
-            root / label / f"{i:05d}.{fmt}", **({"quality": 90} if fmt == "jpg" else {}))
-    return root
-
-
-# -- cases, each run in a fresh process ------------------------------------------------
-
-
-def case_keras_baseline(folder: str, pool: str, size: int = 224) -> dict:
-    """image_dataset_from_directory + DenseNet121(pooling=pool).predict."""
-    import keras
-
-    start = time.perf_counter()
-    dataset = keras.utils.image_dataset_from_directory(
-        folder, image_size=(size, size), batch_size=32, shuffle=False, labels="inferred",
-        color_mode="rgb", verbose=False)
-    dataset = dataset.map(lambda x, y: keras.applications.densenet.preprocess_input(x))
-    model = keras.applications.DenseNet121(include_top=False, weights=None, pooling=pool,
-                                           input_shape=(size, size, 3))
-    features = model.predict(dataset, verbose=0)
-    return {"images": int(features.shape[0]), "seconds": time.perf_counter() - start}
-
-
-def case_extract(folder: str, store: str, **overrides) -> dict:
-    from pipelines.extract.run import ExtractConfig, run_extract
-
-    start = time.perf_counter()
-    result = run_extract(ExtractConfig(dataset=folder, store=store, weights="none",
-                                       progress=False, **overrides))
-    return {"images": result.views_written, "seconds": time.perf_counter() - start,
-            "compute_seconds": result.seconds, "errors": len(result.errors),
-            "tables": result.tables, "workers": result.workers}
-
-
-def case_matmul(n: int = 2048, reps: int = 10) -> dict:
-    import keras
-
-    a = keras.random.normal((n, n), seed=1)
-    b = keras.random.normal((n, n), seed=2)
-    keras.ops.convert_to_numpy(keras.ops.matmul(a, b))  # warm up
-    start = time.perf_counter()
-    for _ in range(reps):
-        out = keras.ops.matmul(a, b)
-    keras.ops.convert_to_numpy(out)
-    seconds = time.perf_counter() - start
-    return {"gflops": 2 * n**3 * reps / seconds / 1e9, "backend": keras.config.backend()}
-
-
-def case_features(store: str, pool: str = "avg") -> dict:
-    from featurestore import Store
-
-    X, y, ids, _ = Store(store).open(f"densenet121/{pool}").to_numpy()
-    order = np.argsort(ids, order=["image_id", "aug_id"])
-    path = Path(store) / f"features-{pool}.npz"
-    np.savez(path, X=X[order], y=y[order])
-    return {"path": str(path)}
-
-
-def case_ov_matmul(n: int = 2048, reps: int = 20, threads: int = 0) -> dict:
-    """float32 matmul throughput of OpenVINO's CPU plugin (oneDNN), as the runtime compiles it."""
-    import openvino as ov
-    import openvino.opset13 as ops
-
-    a = ops.parameter([n, n], np.float32)
-    b = ops.constant(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = ov.Core().compile_model(ov.Model([ops.matmul(a, b, False, False)], [a]), "CPU",
-                                       config)
-    request = compiled.create_infer_request()
-    x = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
-    request.infer({0: x})
-    start = time.perf_counter()
-    for _ in range(reps):
-        request.infer({0: x})
-    return {"gflops": 2 * n**3 * reps / (time.perf_counter() - start) / 1e9}
-
-
-CASES = {"baseline": case_keras_baseline, "extract": case_extract, "matmul": case_matmul,
-         "features": case_features, "ov_matmul": case_ov_matmul}
-
-
-def run_case(name: str, *, sample_rss: bool = False, **kwargs) -> dict:
-    """Run one case in a fresh interpreter; add its wall and CPU time (and peak RSS)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "_case", name, json.dumps(kwargs)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    samples = []
-    while proc.poll() is None:
-        if sample_rss:
-            samples.append((time.perf_counter() - start, tree_rss_mb(proc.pid)))
-        time.sleep(0.25)
-    out = proc.stdout.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"case {name} {kwargs} failed with exit code {proc.returncode}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    report = json.loads(out.strip().splitlines()[-1])
-    report["wall"] = time.perf_counter() - start
-    report["cpu_seconds"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if sample_rss:
-        report["rss"] = samples
-    return report
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MiB (from /proc)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total / 2**20
-
-
-def load() -> str:
-    return "load average " + " ".join(open("/proc/loadavg").read().split()[:3])
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.extract_cases import (DENSENET121_GFLOPS, load, make_scans,  # noqa: E402
+                                      max_relative_l2, run_case)
 
 # -- sections --------------------------------------------------------------------------
 
@@ -292,13 +155,7 @@ def section_bf16(work: Path, n_images: int) -> None:
           f"features; predictions agree on {agree:.1%}")
 
 
-def max_relative_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max())
-
-
 def section_runtimes(work: Path, n_images: int, runs: int) -> None:
-    import shutil
-
     folder = make_scans(work / "runtimes", n_images)
     print(f"\n== runtimes: {n_images} generated 2048x2048 JPEG scans, DenseNet121 at 224, "
           f"pool both ({load()})")
@@ -326,18 +183,86 @@ def section_runtimes(work: Path, n_images: int, runs: int) -> None:
           f"is {base / res['openvino (cache)']['wall']:.2f}x faster (target >= 2.8x)")
     rates = []
     for r in range(runs):
-        store = work / f"rt-steady-{r}"
-        shutil.copytree(work / "rt-1" / "cache", store / "cache")
-        out = run_case("extract", folder=str(folder), store=str(store), pool="both",
-                       runtime="openvino")
+        out = run_case("extract", folder=str(folder), store=str(_with_cache(work, f"rt-steady-{r}")),
+                       pool="both", runtime="openvino")
         rates.append(out["images"] / out["compute_seconds"])
     arr = np.array(rates)
-    peak = max(run_case("ov_matmul")["gflops"] for _ in range(3))
     print(f"  openvino steady over {runs} fresh runs: " + ", ".join(f"{v:.1f}" for v in arr) +
-          f" img/s, min/max {arr.min() / arr.max():.2f} (target >= 0.9) ({load()})")
-    print(f"  oneDNN float32 matmul peak (OpenVINO MatMul 2048^2, best of 3): {peak:.0f} GFLOP/s;"
-          f" extraction reaches {arr.mean() * DENSENET121_GFLOPS:.0f} GFLOP/s = "
-          f"{arr.mean() * DENSENET121_GFLOPS / peak:.0%} (target >= 60%)")
+          f" img/s once built, min/max {arr.min() / arr.max():.2f} (target >= 0.9) ({load()})")
+    _print_shares(work, folder, arr.mean())
+
+
+def _with_cache(work: Path, name: str) -> Path:
+    """A fresh store holding the converted model of the runtimes section's first openvino run."""
+    store = work / name
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.copytree(work / "rt-1" / "cache", store / "cache")
+    return store
+
+
+def _print_shares(work: Path, folder: Path, end_to_end: float) -> None:
+    """Share of the oneDNN float32 peak = img/s x 5.7 GFLOPs per 224 px image / peak GFLOP/s,
+    for the whole extraction and for the backbone alone on decoded batches."""
+    peak = max(run_case("ov_matmul")["gflops"] for _ in range(3))
+    alone = max((run_case("backbone", cache=str(work / "rt-1" / "cache" / "openvino"))
+                 for _ in range(2)), key=lambda r: r["img_s"])
+    decode = run_case("decode", folder=str(folder))["ms"]
+    share = lambda rate: f"{rate * DENSENET121_GFLOPS:.0f} GFLOP/s = " \
+                         f"{rate * DENSENET121_GFLOPS / peak:.0%} of the peak"
+    cores = len(os.sched_getaffinity(0))
+    before = sum(decode.values())
+    bound = cores / ((before + alone["cpu_ms"]) / 1000)
+    print(f"  oneDNN float32 peak (an OpenVINO MatMul 2048^2 on all cores, best of 3): "
+          f"{peak:.0f} GFLOP/s; share = img/s x {DENSENET121_GFLOPS} GFLOPs / peak")
+    print(f"  share, end to end (steady mean {end_to_end:.1f} img/s): {share(end_to_end)} "
+          f"(target >= 60%)")
+    print(f"  share, backbone alone (decoded batches, {alone['img_s']:.1f} img/s, "
+          f"{alone['cpu_ms']:.0f} CPU-ms/img): {share(alone['img_s'])} (target >= 60%)")
+    print("  before the backbone, CPU-ms per image on one core: " +
+          ", ".join(f"{k} {v:.1f}" for k, v in decode.items()) +
+          f"; decode is {before / (before + alone['cpu_ms']):.0%} of the CPU work, so "
+          f"{cores} cores bound end to end at {bound:.1f} img/s = {share(bound)} (CPU-time "
+          f"based: compare with the peak on a quiet machine only)")
+
+
+def section_layouts(work: Path, n_images: int) -> None:
+    """The worker layouts the openvino default was picked from, on the same images."""
+    folder = make_scans(work / "runtimes", n_images)
+    if not (work / "rt-1" / "cache").exists():
+        run_case("extract", folder=str(folder), store=str(work / "rt-1"), pool="both",
+                 runtime="openvino")
+    cores = len(os.sched_getaffinity(0))
+    print(f"\n== layouts: openvino, {n_images} scans, pool both, {cores} cores ({load()})")
+    layouts = {f"1 process, {cores} streams x 1 thread (default)": {"workers": 1},
+               f"1 process, 1 stream x {cores} threads (latency)": {"workers": 1, "streams": 1},
+               f"{cores} pinned processes x 1 stream": {"workers": cores}}
+    for rep in range(2):  # interleaved, so a change of load hits every layout
+        for name, layout in layouts.items():
+            r = run_case("extract", folder=str(folder), store=str(_with_cache(work, "layout")),
+                         pool="both", runtime="openvino", **layout)
+            print(f"  {name:42s}: {r['images'] / r['compute_seconds']:5.1f} img/s once built, "
+                  f"{r['wall']:5.1f} s end to end, {r['cpu_seconds'] * 1000 / r['images']:4.0f} "
+                  f"CPU-ms/img ({load()})")
+
+
+def section_commits(work: Path, rows: int = 8192) -> None:
+    """What committing by time costs: parts per table, write, consolidation and read."""
+    print(f"\n== commits: a {rows} x 1024 float32 table written as extract writes it "
+          f"(batches of 32, 1,024 rows per part), rows-only vs also every 60 s ({load()})")
+    for fmt in ("hdf5", "parquet"):
+        for rate in (2.0, 17.0):  # full-size scans on a busy CPU; this machine, quiet
+            out = {}
+            for name, seconds in (("rows-only", None), ("timed", 60.0)):
+                root = work / f"commits-{fmt}-{rate}-{name}"
+                shutil.rmtree(root, ignore_errors=True)
+                out[name] = run_case("commits", root=str(root), fmt=fmt, rows=rows, rate=rate,
+                                     commit_seconds=seconds)
+            a, b = out["rows-only"], out["timed"]
+            print(f"  {fmt:7s} at {rate:4.0f} img/s: parts {a['parts']} -> {b['parts']} "
+                  f"({b['files']} files after close); write {a['write_s']:.2f} -> "
+                  f"{b['write_s']:.2f} s, close {a['close_s']:.2f} -> {b['close_s']:.2f} s, "
+                  f"read after close {a['read_s']:.3f} -> {b['read_s']:.3f} s "
+                  f"({b['read_s'] / a['read_s']:.2f}x)")
 
 
 def section_zoo(work: Path) -> None:
@@ -377,7 +302,7 @@ def section_rss(work: Path) -> None:
 @click.command()
 @click.argument("section", default="all",
                 type=click.Choice(["all", "compare", "steady", "matmul", "bf16", "rss",
-                                   "runtimes", "zoo"]))
+                                   "runtimes", "layouts", "commits", "zoo"]))
 @click.option("--images", default=200, show_default=True, help="Images for compare.")
 @click.option("--runs", default=4, show_default=True, help="Runs per mode for steady.")
 @click.option("--workdir", type=click.Path(), default=None, help="Keep generated data here.")
@@ -399,12 +324,13 @@ def main(section, images, runs, workdir):
             section_rss(work)
         if section in ("all", "runtimes"):
             section_runtimes(work, images, 5)
+        if section in ("all", "layouts"):
+            section_layouts(work, images)
+        if section in ("all", "commits"):
+            section_commits(work)
         if section in ("all", "zoo"):
             section_zoo(work)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_case":
-        print(json.dumps(CASES[sys.argv[2]](**json.loads(sys.argv[3]))))
-    else:
-        main()
+    main()

@@ -3,7 +3,7 @@ in the store and trusted only after a hash check, and the runtime is recorded, n
 
 One OpenVINO conversion (DenseNet121 at 32 px, about 20 s) is shared by the module; the
 cache mechanics are checked on that entry's real files. Every other backbone is checked by
-the ``slow`` test and ``benchmarks/bench_extract.py --check-runtimes``.
+the ``slow`` test and ``benchmarks/bench_extract.py zoo``.
 """
 
 import json
@@ -127,6 +127,24 @@ def test_another_weights_file_input_size_or_version_is_another_cache_entry(store
     import dataclasses
     other = dataclasses.replace(settings, weights_sha256="cd" * 32, seed=0)
     assert ov.cache_fields(other)["weights"] == "cd" * 32 != fields["weights"]
+
+
+def test_openvino_features_of_a_view_do_not_depend_on_its_batch(stores):
+    """The openvino runtime computes each view alone over its streams: reordering the
+    batch, or padding it, changes no row by a single bit, and padding is not computed."""
+    from pipelines.extract.engine import FeatureEngine
+
+    _, paths = stores
+    engine = FeatureEngine(openvino_settings(paths["openvino"]))
+    pixels = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
+    full, reordered, padded = (engine.embed(pixels, 8), engine.embed(pixels[::-1].copy(), 8),
+                               engine.embed(pixels, 5))
+    for pool in engine.settings.pools:
+        assert full[pool].shape == (8, 1024) and padded[pool].shape == (5, 1024)
+        np.testing.assert_array_equal(reordered[pool][::-1], full[pool])
+        np.testing.assert_array_equal(padded[pool], full[pool][:5])
+    assert engine.embed(pixels, 0)["max"].shape == (0, 1024)
+    assert runtimes.get_runtime("openvino").STREAMS  # so extract runs one process for it
 
 
 def test_default_runtime_is_openvino_on_cpu_and_keras_for_bfloat16(monkeypatch):

@@ -85,7 +85,8 @@ class ExtractConfig:
     shard: str | None = None
     """``"K/N"``: extract only shard K of N into part files, merged by a run without shard."""
     workers: int | None = None
-    """Backbone processes: None picks 1 on an accelerator, else one per core (at most 4)."""
+    """Backbone processes: None picks 1 on an accelerator or for the openvino runtime (one
+    stream per core), else one per core (at most 4)."""
     precision: str = "float32"
     """``float32``, or ``bfloat16`` compute (faster on CPUs with AVX-512 BF16 / AMX)."""
     runtime: str | None = None
@@ -171,7 +172,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     manifest = _manifest_for(store, config)
     lineages = recipe.lineages()
     merged = {} if config.shard else _merge_shards(store, lineages, config.engine)
-    workers = config.workers or default_workers()
+    workers = config.workers or default_workers(recipe.runtime)
     with contextlib.ExitStack() as stack:
         writers = {pool: stack.enter_context(store.writer(
             lin, formats=FORMAT_CHOICES[config.format], shard=config.shard,
@@ -356,7 +357,8 @@ class _CommandFailed(click.ClickException):
 @click.option("--shard", default=None, metavar="K/N",
               help="Extract shard K of N into part files; a run without --shard merges them.")
 @click.option("--workers", default=None, type=click.IntRange(min=1),
-              help="Backbone processes [default: 1 on a GPU/TPU, else one per core, max 4].")
+              help="Backbone processes [default: 1 on a GPU/TPU or for openvino (a stream per "
+                   "core), else one per core, max 4].")
 @click.option("--precision", default="float32", show_default=True,
               type=click.Choice(list(PRECISIONS)),
               help="bfloat16: faster on CPUs with AVX-512 BF16/AMX; features differ slightly.")

@@ -332,7 +332,7 @@ def _extract(store: Store, model: SavedModel, settings, todo: dict[str, Path],
     from pipelines.extract.featurize import iter_feature_batches
 
     workers = config.workers or (
-        1 if len(todo) < _MIN_IMAGES_PER_WORKER else default_workers())
+        1 if len(todo) < _MIN_IMAGES_PER_WORKER else default_workers(settings.runtime))
     workers = min(workers, max(1, len(todo) // config.batch_size))
     scores, failed = {}, {}
     bar = tqdm(total=len(todo), unit="img", disable=not config.progress,

@@ -3,10 +3,13 @@
 A runtime is one module in this package plus one line in :data:`RUNTIMES`.
 Each module defines:
 
+* ``STREAMS``: whether it runs one inference stream per core itself (then
+  ``extract`` runs one process, not one per core);
 * ``unavailable() -> str | None``: why it cannot run on this machine (None: it can);
 * ``refuses(backbone, precision) -> str | None``: why it will not run that recipe;
-* ``build(settings) -> predict``: ``predict(pixels)`` maps a ``(batch, h, w, 3)``
-  float32 batch to one ``(batch, feature_dim)`` array per pooling of ``settings``.
+* ``build(settings) -> predict``: ``predict(pixels, n)`` maps a ``(batch, h, w, 3)``
+  float32 batch whose first ``n`` views are real (the rest padding) to one
+  ``(n, feature_dim)`` array per pooling of ``settings``.
 
 Modules are imported on use, so listing the registry (the CLI's ``--runtime``
 choices) imports neither Keras nor OpenVINO.

@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
+#: Whether it runs one inference stream per core itself (then one process is enough).
+STREAMS = False
+
 def unavailable() -> str | None:
     return None
 
@@ -27,8 +30,10 @@ def pooled_keras_model(settings):
 def build(settings):
     model = pooled_keras_model(settings)
 
-    def predict(pixels: np.ndarray) -> list[np.ndarray]:
+    def predict(pixels: np.ndarray, n: int) -> list[np.ndarray]:
+        # The whole padded batch: one shape, one compiled graph (see pipelines.extract.loader).
         outputs = model.predict_on_batch(pixels)
-        return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        return [np.asarray(out)[:n] for out in outputs]
 
     return predict
