@@ -119,13 +119,13 @@ def section_extract(tmp: Path, images: int, size: int) -> None:
           f"{rate['ray 2 actors'] / rate['ray 1 actor']:.2f}x")
 
 
-def section_heads(tmp: Path, trials: int = 24) -> None:
+def section_heads(tmp: Path, rows: int, dim: int, trials: int = 24) -> None:
     from featurestore import Lineage, Store
     from tests.pg_server import postgres_server
 
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 4000)
-    X = (rng.normal(size=(4000, 512)) + 0.3 * y[:, None]).astype(np.float32)
+    y = rng.integers(0, 2, rows)
+    X = (rng.normal(size=(rows, dim)) + 0.3 * y[:, None]).astype(np.float32)
     lineage = Lineage(backbone="synthetic", weights="random:0", pool="max", input_size=8,
                       preprocessing="none")
     with Store(tmp / "store").writer(lineage) as writer:
@@ -182,15 +182,18 @@ def section_gpu(tmp: Path, images: int, size: int) -> None:
 @click.argument("section", default="all", type=click.Choice(["all", "extract", "heads", "gpu"]))
 @click.option("--images", default=1000, show_default=True)
 @click.option("--size", default=64, show_default=True, help="Backbone input side.")
-def main(section, images, size):
+@click.option("--rows", default=4000, show_default=True,
+              help="fit-heads table rows: more rows, longer (more CPU-bound) trials.")
+@click.option("--dim", default=512, show_default=True, help="fit-heads feature dimension.")
+def main(section, images, size, rows, dim):
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         tmp = Path(tmp)
         if section in ("all", "extract"):
             print(f"== extract: {images} images, DenseNet121 at {size} px")
             section_extract(tmp, images, size)
         if section in ("all", "heads"):
-            print("== fit-heads on PostgreSQL: logreg, 4,000 x 512")
-            section_heads(tmp)
+            print(f"== fit-heads on PostgreSQL: logreg, {rows:,} x {dim:,}")
+            section_heads(tmp, rows, dim)
         if section in ("all", "gpu"):
             print("== gpu")
             section_gpu(tmp, images, size)
