@@ -229,7 +229,7 @@ def test_concurrent_similar_queries_share_one_product_and_answer_as_one_by_one(l
     ks = {i: 2 + n % 4 for n, i in enumerate(ids)}  # a product for several k: each its own
     alone = Searchers(store, gather=False)
     expected = {i: alone.search(TABLE, i, ks[i]) for i in ids}
-    gathered = Searchers(store)
+    gathered = Searchers(store, gather=True)
     gathered.search(TABLE, ids[0], 1)
     gather, answers = gathered._open[living.key].gather, {}
     with gather._ready:  # a product "running": every query must wait, then share the next

@@ -109,11 +109,14 @@ class Gather:
 class Searchers:
     """The open tables of one server process."""
 
-    def __init__(self, store: Store, *, gather: bool = True):
+    def __init__(self, store: Store, *, gather: bool = False):
         self.store = store
         self.gather = gather
-        """Answer concurrent queries of a table by one product (:class:`Gather`); False:
-        one product each (benchmarks/bench_serve.py measures the gain)."""
+        """Answer concurrent queries of a table by one product (:class:`Gather`); False
+        (default): one product each. On the quiet 2-core machine gathering lost
+        (bench_serve, 8 threads: 545 q/s one product each, 186 gathered): one
+        product at a time leaves the second core idle, and an 8-row product costs
+        more than a third of 8 single ones."""
         self._open: dict[str, _Open] = {}
         self._resolved: dict = {}
         self._lock = threading.Lock()
