@@ -116,13 +116,15 @@ def build(settings):
     A view alone per request makes its features a function of the view only, never of
     the batch it landed in (OpenVINO's kernels differ with the batch shape at the 1e-7
     level), so a resumed run equals an uninterrupted one and padding is never computed.
-    One thread per stream takes the next view when its own is done, so a stream whose
-    core is busy with another process takes fewer views instead of holding the batch
-    back. Batch 1 costs no more CPU per image than 32. Plain threads, not
-    ``AsyncInferQueue``: a queue holding a Python callback at interpreter exit
-    sometimes aborted the process ("terminate called without an active exception").
+    One thread per stream takes the next view (and a free request) when its own is
+    done, so a stream whose core is busy with another process takes fewer views
+    instead of holding the batch back. Batch 1 costs no more CPU per image than 32.
+    Plain threads, not ``AsyncInferQueue``: a queue holding a Python callback at
+    interpreter exit sometimes aborted the process ("terminate called without an
+    active exception").
     """
     import concurrent.futures
+    import queue
     import threading
 
     from pipelines.extract.engine import available_cores
@@ -133,16 +135,28 @@ def build(settings):
     outputs = [POOLS.index(pool) for pool in settings.pools]
     widths = [compiled.outputs[i].get_partial_shape()[1].get_length() for i in outputs]
     pool = concurrent.futures.ThreadPoolExecutor(streams, thread_name_prefix="openvino")
-    local = threading.local()
+    # Requests are made here, one per stream, and the process's first view runs alone on
+    # this thread: the first infer and ``.data`` initialise pybind11 function-local
+    # statics, and two streams doing that at once deadlocked (one thread waiting in
+    # __cxa_guard_acquire while holding the GIL, the other waiting for the GIL inside
+    # the guard: one of the 14 fresh runs of a quiet benchmark, seen with py-spy).
+    free = queue.SimpleQueue()
+    for _ in range(streams):
+        free.put(compiled.create_infer_request())
+    warm = threading.Event()
 
     def infer_view(image: np.ndarray) -> list[np.ndarray]:
-        if not hasattr(local, "request"):  # one request per thread, reused
-            local.request = compiled.create_infer_request()
-        local.request.infer({0: image[None]})
-        return [local.request.get_output_tensor(i).data.copy() for i in outputs]
+        request = free.get()
+        try:
+            request.infer({0: image[None]})
+            return [request.get_output_tensor(i).data.copy() for i in outputs]
+        finally:
+            free.put(request)
 
     def predict(pixels: np.ndarray, n: int) -> list[np.ndarray]:
-        views = list(pool.map(infer_view, pixels[:n]))
+        views = [] if warm.is_set() or not n else [infer_view(pixels[0])]
+        warm.set()
+        views += pool.map(infer_view, pixels[len(views):n])
         return [np.concatenate([view[k] for view in views]) if n else
                 np.empty((0, width), np.float32) for k, width in enumerate(widths)]
 
