@@ -3,8 +3,9 @@
 A table's reader, its saved index (an exact one's rows copied into memory) and
 its id-to-row map stay open until the index is rewritten (an ingest extends it
 under the table's writer lock, with a new ``index.json``), then they are opened
-again; a query of a stored image is then its own in-memory row, and the
-queries that arrive together share one matrix product (:class:`Gather`). A
+again; a query of a stored image is then its own in-memory row and one
+matrix product (``Searchers(gather=True)``: queries that arrive together share
+one product, :class:`Gather`; off by default, it lost on two cores). A
 table without a fresh index is searched by
 :func:`~pipelines.similar.search.run_search` itself.
 """
